@@ -1,0 +1,44 @@
+"""Teacher-signal analysis (spec section 6) and diversity of rollout groups.
+
+Numpy only; matplotlib is imported lazily by the report's plotting functions.
+"""
+
+from mopd_jax.analysis.diversity import (
+    Diversity,
+    distinct_n,
+    edit_similarity,
+    group_diversity,
+    jaccard_similarity,
+    mean_diversity,
+)
+from mopd_jax.analysis.report import (
+    AnalysisSummary,
+    ReportPaths,
+    load_summary,
+    markdown_report,
+    summarize_conditions,
+    summary_from_dict,
+    summary_to_dict,
+    write_report,
+)
+from mopd_jax.analysis.stats import (
+    METRICS,
+    SUBSETS,
+    ConditionSummary,
+    MeanCI,
+    PromptRecord,
+    PromptStats,
+    SubsetSummary,
+    bootstrap_mean_ci,
+    kendall_tau_b,
+    paired_difference_ci,
+    pairwise_accuracy,
+    pearson,
+    point_biserial,
+    prompt_stats,
+    rankdata,
+    spearman,
+    success_auc,
+    summarize_condition,
+    top1_hit,
+)

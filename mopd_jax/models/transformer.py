@@ -1,0 +1,305 @@
+"""Decoder-only transformer (Llama / SmolLM2, Qwen2.5, Qwen3) in Flax NNX.
+
+One module covers the three families; they differ only in switches of `ModelConfig`:
+Qwen2.5 adds biases to q/k/v, Qwen3 RMS-normalises q and k per head, Llama-3.x scales RoPE.
+
+Conventions
+- Kernels are stored [in, out] (the transpose of Hugging Face's `nn.Linear.weight`).
+- Parameters carry logical axis names (`embed`, `vocab`, `mlp`, `q_heads`, `kv_heads`,
+  `norm`); `mopd_jax.sharding` maps them onto mesh axes.
+- Attention is driven by `positions` (RoPE) and `segment_ids` (0 = padding): a query attends
+  to keys of the same non-zero segment at the same or an earlier *slot*. This one rule
+  covers left padding, right padding and packed sequences.
+- Softmax and logits are float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mopd_jax.models.config import ModelConfig
+
+Array = jax.Array
+_MASKED = -1e30  # finite: a fully-masked (padding) query row stays NaN-free
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Per-layer keys/values over `max_len` slots, plus which slots hold which segment.
+
+  `segment_ids[b, s] == 0` marks an empty (or padding) slot. `index` is the next slot to
+  write; all rows write the same slot (prompts are left-padded), which keeps updates a
+  single `dynamic_update_slice`.
+  """
+
+  keys: tuple[Array, ...]  # each [B, S, KVH, D]
+  values: tuple[Array, ...]  # each [B, S, KVH, D]
+  segment_ids: Array  # [B, S] int32
+  index: Array  # [] int32
+
+  @property
+  def max_len(self) -> int:
+    return self.segment_ids.shape[1]
+
+  @classmethod
+  def empty(cls, config: ModelConfig, batch: int, max_len: int) -> "KVCache":
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    zeros = lambda: jnp.zeros(shape, config.jnp_dtype)
+    return cls(
+        keys=tuple(zeros() for _ in range(config.num_layers)),
+        values=tuple(zeros() for _ in range(config.num_layers)),
+        segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+        index=jnp.zeros((), jnp.int32))
+
+  def repeat_rows(self, n: int) -> "KVCache":
+    """Each row copied n times, consecutively: prompt b -> rows b*n .. b*n+n-1."""
+    rep = lambda x: jnp.repeat(x, n, axis=0)
+    return KVCache(
+        keys=tuple(map(rep, self.keys)), values=tuple(map(rep, self.values)),
+        segment_ids=rep(self.segment_ids), index=self.index)
+
+
+@flax.struct.dataclass
+class ModelOutput:
+  hidden: Array  # [B, T, hidden] final-norm output, compute dtype
+  logits: Optional[Array]  # [B, T, V] float32, or None when not requested
+  cache: Optional[KVCache]
+
+
+def _partitioned(init, names: tuple[Optional[str], ...]):
+  return nnx.with_partitioning(init, names)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, config: ModelConfig):
+    self.eps = eps
+    self.dtype = config.jnp_dtype
+    self.scale = nnx.Param(
+        _partitioned(nnx.initializers.ones, ("norm",))(jax.random.key(0), (dim,), config.jnp_param_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    # Matches HF: normalise in float32, cast back, then scale.
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return normed.astype(self.dtype) * self.scale.value.astype(self.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> Array:
+  d = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv_freq
+  # Llama-3.x: long wavelengths are slowed by `factor`, short ones kept, the band between
+  # interpolated smoothly.
+  old_len = scaling.original_max_position_embeddings
+  low_wavelen = old_len / scaling.low_freq_factor
+  high_wavelen = old_len / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+  """HF "rotate_half" RoPE. x: [B, T, N, D], positions: [B, T]."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+  sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attention_mask(q_segments: Array, q_slots: Array, k_segments: Array) -> Array:
+  """[B, Tq, Tk] bool: same non-zero segment, key slot <= query slot."""
+  k_slots = jnp.arange(k_segments.shape[1])
+  same_segment = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+  causal = k_slots[None, None, :] <= q_slots[:, :, None]
+  return same_segment & causal
+
+
+def _linear(config: ModelConfig, din: int, dout: int, names, *, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(
+      din, dout, use_bias=bias, dtype=config.jnp_dtype, param_dtype=config.jnp_param_dtype,
+      kernel_init=_partitioned(nnx.initializers.normal(0.02), names),
+      bias_init=_partitioned(nnx.initializers.zeros, (names[1],)), rngs=rngs)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    h, d = config.hidden_size, config.head_dim
+    bias = config.qkv_bias
+    self.q_proj = _linear(config, h, config.num_heads * d, ("embed", "q_heads"), bias=bias, rngs=rngs)
+    self.k_proj = _linear(config, h, config.num_kv_heads * d, ("embed", "kv_heads"), bias=bias, rngs=rngs)
+    self.v_proj = _linear(config, h, config.num_kv_heads * d, ("embed", "kv_heads"), bias=bias, rngs=rngs)
+    self.o_proj = _linear(config, config.num_heads * d, h, ("q_heads", "embed"), bias=False, rngs=rngs)
+    if config.qk_norm:
+      self.q_norm = RMSNorm(d, config.rms_norm_eps, config)
+      self.k_norm = RMSNorm(d, config.rms_norm_eps, config)
+
+  def __call__(self, x, positions, q_segments, q_slots, inv_freq, layer_cache, kv_segments):
+    """layer_cache: None (keys are this call's tokens) or (keys, values, write_index)."""
+    c = self.config
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
+    k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    new_cache = None
+    if layer_cache is not None:
+      cached_k, cached_v, index = layer_cache
+      k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, index, 0, 0))
+      new_cache = (k, v)
+    mask = attention_mask(q_segments, q_slots, kv_segments)
+    out = grouped_attention(q, k, v, mask)
+    return self.o_proj(out.reshape(b, t, -1)), new_cache
+
+
+def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """GQA without repeating k/v. q [B,T,H,D], k/v [B,S,KVH,D], mask [B,T,S] -> [B,T,H,D]."""
+  b, t, h, d = q.shape
+  kvh = k.shape[2]
+  q = q.reshape(b, t, kvh, h // kvh, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(d)
+  scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    h, m = config.hidden_size, config.intermediate_size
+    self.gate_proj = _linear(config, h, m, ("embed", "mlp"), bias=False, rngs=rngs)
+    self.up_proj = _linear(config, h, m, ("embed", "mlp"), bias=False, rngs=rngs)
+    self.down_proj = _linear(config, m, h, ("mlp", "embed"), bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+    self.self_attn = Attention(config, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, positions, q_segments, q_slots, inv_freq, layer_cache, kv_segments):
+    attn, new_cache = self.self_attn(
+        self.input_layernorm(x), positions, q_segments, q_slots, inv_freq, layer_cache, kv_segments)
+    x = x + attn
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return x, new_cache
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. Call with tokens, positions and segment ids; optionally a KV cache."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    # Parameters are created unsharded; `mopd_jax.sharding` places them on a mesh after
+    # mapping their logical axis names (flax's eager sharding would need a mesh here).
+    with nnx.use_eager_sharding(False):
+      self._build(config, rngs)
+
+  def _build(self, config: ModelConfig, rngs: nnx.Rngs):
+    self.config = config
+    self.embed_tokens = nnx.Embed(
+        config.vocab_size, config.hidden_size, dtype=config.jnp_dtype,
+        param_dtype=config.jnp_param_dtype,
+        embedding_init=_partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")), rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+    if not config.tie_embeddings:
+      self.lm_head = nnx.Linear(
+          config.hidden_size, config.vocab_size, use_bias=False, dtype=config.jnp_dtype,
+          param_dtype=config.jnp_param_dtype,
+          kernel_init=_partitioned(nnx.initializers.normal(0.02), ("embed", "vocab")), rngs=rngs)
+
+  def unembedding(self) -> Array:
+    """[hidden, vocab] matrix mapping final hidden states to logits."""
+    if self.config.tie_embeddings:
+      return self.embed_tokens.embedding.value.T
+    return self.lm_head.kernel.value
+
+  def logits(self, hidden: Array) -> Array:
+    w = self.unembedding().astype(hidden.dtype)
+    return jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
+
+  def __call__(
+      self,
+      tokens: Array,  # [B, T] int32
+      positions: Array,  # [B, T] int32 (RoPE positions)
+      segment_ids: Array,  # [B, T] int32, 0 = padding
+      cache: Optional[KVCache] = None,
+      *,
+      return_logits: bool = True,
+  ) -> ModelOutput:
+    t = tokens.shape[1]
+    inv_freq = rope_inverse_frequencies(self.config)
+    x = self.embed_tokens(tokens)
+    if cache is None:
+      q_slots = jnp.broadcast_to(jnp.arange(t), tokens.shape)
+      kv_segments = segment_ids
+      index = None
+    else:
+      index = cache.index
+      q_slots = jnp.broadcast_to(index + jnp.arange(t), tokens.shape)
+      kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, index))
+    new_keys, new_values = [], []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else (cache.keys[i], cache.values[i], index)
+      x, updated = layer(x, positions, segment_ids, q_slots, inv_freq, layer_cache, kv_segments)
+      if updated is not None:
+        new_keys.append(updated[0])
+        new_values.append(updated[1])
+    hidden = self.norm(x)
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(
+          keys=tuple(new_keys), values=tuple(new_values), segment_ids=kv_segments, index=index + t)
+    logits = self.logits(hidden) if return_logits else None
+    return ModelOutput(hidden=hidden, logits=logits, cache=new_cache)
+
+
+def positions_from_segments(segment_ids: Array) -> Array:
+  """RoPE positions restarting at 0 at the start of each segment (padding gets 0).
+
+  Assumes each segment is contiguous in its row, which covers left padding, right padding
+  and packed rows.
+  """
+  t = segment_ids.shape[1]
+  slots = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+  previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  starts = jnp.where(segment_ids != previous, slots, 0)
+  segment_start = jax.lax.cummax(starts, axis=1)
+  return jnp.where(segment_ids != 0, slots - segment_start, 0).astype(jnp.int32)
+
+
+def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
+  return Transformer(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: ModelConfig) -> Transformer:
+  """The model with ShapeDtypeStruct leaves: no memory, for shapes and sharding plans."""
+  return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))

@@ -1,0 +1,151 @@
+"""Device mesh, logical-axis rules, and the shardings of params, batches and caches.
+
+Parameters are annotated with logical axis names in the model (`embed`, `vocab`, `mlp`,
+`q_heads`, `kv_heads`, `norm`). A rule table maps each logical name to a mesh axis (or
+None = replicated). Batches shard their leading dimension over `data` x `fsdp`, so each
+prompt's G rollouts, which are consecutive rows, stay on one shard as long as the per-shard
+row count is a multiple of G (checked by the callers that build batches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis (None: replicated). FSDP shards the model dimension, tensor
+# parallelism the "wide" dimensions (heads, MLP, vocabulary).
+DEFAULT_RULES: tuple[tuple[str, Optional[str]], ...] = (
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("norm", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = 1
+  fsdp: int = 1
+  tensor: int = 1
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return (self.data, self.fsdp, self.tensor)
+
+  @property
+  def size(self) -> int:
+    return self.data * self.fsdp * self.tensor
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh. -1 in one axis means "all remaining devices"."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(config.shape)
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got {config}")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if len(devices) % known:
+      raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes of {config}")
+    shape[shape.index(-1)] = len(devices) // known
+  if any(s < 1 for s in shape):
+    raise ValueError(f"mesh: axis sizes must be >= 1, got {config}")
+  size = math.prod(shape)
+  if size > len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {size} devices, only {len(devices)} available")
+  grid = np.asarray(devices[:size]).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def logical_to_mesh_spec(logical: Sequence[Optional[str]], rules: Mapping[str, Optional[str]]) -> P:
+  axes = []
+  for name in logical:
+    if name is None:
+      axes.append(None)
+      continue
+    if name not in rules:
+      raise ValueError(f"sharding: no rule for logical axis {name!r}; rules cover {sorted(rules)}")
+    axes.append(rules[name])
+  return P(*axes)
+
+
+def _check_divides(path: str, shape: Sequence[int], spec: P, mesh: Mesh) -> None:
+  for dim, axes in zip(shape, spec):
+    if axes is None:
+      continue
+    names = axes if isinstance(axes, tuple) else (axes,)
+    parts = math.prod(mesh.shape[a] for a in names)
+    if dim % parts:
+      raise ValueError(
+          f"sharding: {path} has shape {tuple(shape)}; dimension {dim} is not divisible by mesh "
+          f"axes {names} of size {parts} (mesh {dict(mesh.shape)})")
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:
+  """NamedSharding for every leaf of a params state (abstract or concrete).
+
+  Fails early, naming the parameter, when a mesh axis does not divide its dimension.
+  """
+  rules = dict(rules)
+  logical = nnx.get_partition_spec(state)
+
+  def leaf_sharding(path, spec_leaf, value_leaf):
+    spec = spec_leaf.value if isinstance(spec_leaf, nnx.Variable) else spec_leaf
+    value = value_leaf.value if isinstance(value_leaf, nnx.Variable) else value_leaf
+    names = tuple(spec) if isinstance(spec, P) else (None,) * len(value.shape)
+    mesh_spec = logical_to_mesh_spec(names, rules)
+    _check_divides(_path_str(path), value.shape, mesh_spec, mesh)
+    return NamedSharding(mesh, mesh_spec)
+
+  is_leaf = lambda x: isinstance(x, nnx.Variable)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s, v: leaf_sharding(path, s, v), logical, state, is_leaf=is_leaf)
+
+
+def shard_params(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:
+  return jax.device_put(state, param_shardings(state, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Leading (row) dimension over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch_divisible(rows: int, mesh: Mesh, what: str = "batch") -> None:
+  shards = num_batch_shards(mesh)
+  if rows % shards:
+    raise ValueError(f"{what}: {rows} rows are not divisible by the data x fsdp mesh size {shards}")
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+  """Place host arrays with rows over data x fsdp (single-process)."""
+  return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), tree)
+
+
+def cache_sharding(mesh: Mesh, num_kv_heads: int) -> NamedSharding:
+  """KV cache [B, S, KVH, D]: rows like the batch, kv heads over `tensor` when it divides them."""
+  heads = "tensor" if num_kv_heads % mesh.shape["tensor"] == 0 else None
+  return NamedSharding(mesh, P(BATCH_AXES, None, heads, None))

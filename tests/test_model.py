@@ -1,0 +1,112 @@
+"""Model behaviour: cache vs full recomputation, padding and packing, sharded vs single device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mopd_jax import sharding
+from mopd_jax.models import KVCache, ModelConfig, init_model, positions_from_segments, tiny_config
+
+FAMILIES = ["llama", "qwen2", "qwen3"]
+
+
+def _forward(model, tokens, segments):
+  return model(tokens, positions_from_segments(segments), segments).logits
+
+
+def test_positions_from_segments_left_right_and_packed():
+  seg = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 2, 2, 2]])
+  np.testing.assert_array_equal(
+      positions_from_segments(seg), [[0, 0, 0, 1, 2], [0, 1, 2, 0, 0], [0, 1, 0, 1, 2]])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_prefill_then_decode_equals_full_forward(family):
+  cfg = tiny_config(family)
+  model = init_model(cfg, seed=1)
+  rng = np.random.RandomState(0)
+  tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (3, 9)))
+  seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9, [0, 1, 1, 1, 1, 1, 1, 1, 1]])
+  full = _forward(model, tokens, seg)
+  pos = positions_from_segments(seg)
+  out = model(tokens[:, :5], pos[:, :5], seg[:, :5], KVCache.empty(cfg, 3, 12))
+  pieces = [out.logits]
+  cache = out.cache
+  for t in range(5, 9):  # one-token decode steps
+    out = model(tokens[:, t:t + 1], pos[:, t:t + 1], seg[:, t:t + 1], cache)
+    cache = out.cache
+    pieces.append(out.logits)
+  cached = jnp.concatenate(pieces, axis=1)
+  valid = np.asarray(seg) != 0
+  np.testing.assert_allclose(np.asarray(cached)[valid], np.asarray(full)[valid], atol=1e-5)
+  assert int(cache.index) == 9
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_and_packing_do_not_change_logits(family):
+  cfg = tiny_config(family)
+  model = init_model(cfg, seed=2)
+  rng = np.random.RandomState(1)
+  a = rng.randint(0, cfg.vocab_size, 4)
+  b = rng.randint(0, cfg.vocab_size, 6)
+  alone_a = _forward(model, jnp.asarray(a)[None], jnp.ones((1, 4), jnp.int32))[0]
+  alone_b = _forward(model, jnp.asarray(b)[None], jnp.ones((1, 6), jnp.int32))[0]
+  # a left-padded, a right-padded, and a and b packed into one row.
+  tokens = jnp.asarray([[0, 0] + list(a) + [0] * 4, list(a) + [0] * 6, list(a) + list(b)])
+  seg = jnp.asarray([[0, 0, 1, 1, 1, 1, 0, 0, 0, 0], [1] * 4 + [0] * 6, [1] * 4 + [2] * 6])
+  out = _forward(model, tokens, seg)
+  np.testing.assert_allclose(out[0, 2:6], alone_a, atol=1e-5)
+  np.testing.assert_allclose(out[1, :4], alone_a, atol=1e-5)
+  np.testing.assert_allclose(out[2, :4], alone_a, atol=1e-5)
+  np.testing.assert_allclose(out[2, 4:], alone_b, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_sharded_forward_equals_single_device(mesh_shape):
+  cfg = tiny_config("qwen3")
+  model = init_model(cfg, seed=3)
+  graphdef, state = nnx.split(model)
+  rng = np.random.RandomState(2)
+  tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (8, 16)))
+  seg = jnp.asarray((np.arange(16)[None] >= rng.randint(0, 6, (8, 1))).astype(np.int32))
+
+  def forward(state, tokens, seg):
+    return _forward(nnx.merge(graphdef, state), tokens, seg)
+
+  expected = jax.jit(forward)(state, tokens, seg)
+  mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
+  sharded_state = sharding.shard_params(state, mesh)
+  batch = sharding.shard_batch((tokens, seg), mesh)
+  got = jax.jit(forward)(sharded_state, *batch)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+  # The parameters really are distributed when the mesh has fsdp/tensor axes.
+  kernel = sharded_state["layers"][0]["mlp"]["gate_proj"]["kernel"].value
+  if mesh_shape[1] * mesh_shape[2] > 1:
+    assert kernel.addressable_shards[0].data.size < kernel.size
+
+
+def test_mesh_that_does_not_divide_a_dimension_fails_naming_the_parameter():
+  cfg = tiny_config("llama", hidden_size=60, num_heads=4, head_dim=15, intermediate_size=90)
+  state = nnx.state(init_model(cfg), nnx.Param)
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 8, 1))
+  with pytest.raises(ValueError, match=r"embed_tokens.*not divisible by mesh axes \('fsdp',\)"):
+    sharding.param_shardings(state, mesh)
+
+
+def test_bad_configs_fail_clearly():
+  with pytest.raises(ValueError, match="unknown architecture 'gpt2'"):
+    tiny_config("gpt2")
+  with pytest.raises(ValueError, match="not a multiple of num_kv_heads"):
+    tiny_config("llama", num_heads=4, num_kv_heads=3)
+  with pytest.raises(ValueError, match="needs 16 devices"):
+    sharding.make_mesh(sharding.MeshConfig(4, 4, 1))
+
+
+def test_bfloat16_params_give_float32_logits():
+  cfg = tiny_config("llama", param_dtype="bfloat16", dtype="bfloat16")
+  model = init_model(cfg)
+  assert model.embed_tokens.embedding.value.dtype == jnp.bfloat16
+  logits = _forward(model, jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+  assert logits.dtype == jnp.float32
