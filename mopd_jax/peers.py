@@ -492,13 +492,15 @@ def _method_sections(groups: Sequence[Group], pos: int, i: int, config: PeerConf
 # --------------------------------------------------------------------------- controls
 
 
-def control_budget(group: Group, i: int, config: PeerConfig, failure_rng: np.random.Generator,
+def control_budget(group: Group, i: int, config: PeerConfig, *, step: int = 0, group_index: int = 0,
                    count_tokens: CountTokens = approx_token_count) -> tuple[int, int]:
   """(blocks, peer-text tokens) the 2S1F context would have had for rollout i.
 
-  Uses the same failure stream as the 2S1F run, so for one seed the token budget is
-  that of the failure 2S1F actually picks. Labels are not counted (fixed overhead).
+  Draws from the same failure stream as the 2S1F run with this seed, step and global
+  group index, so the token budget is that of the failure 2S1F actually picks. Label
+  lines are not counted (fixed overhead); feedback is not a block.
   """
+  failure_rng = _rollout_rngs(config.seed, step, group_index, i).failure
   cand = _candidates(group, i, config.exclude_self_success, draw_failure=True, failure_rng=failure_rng)
   picked = [j for j in (cand.primary, cand.another, cand.failure) if j is not None]
   tokens = sum(count_tokens(_demo_text(group.responses[j], config)) for j in picked)
@@ -529,12 +531,17 @@ def _control_pool(groups: Sequence[Group], pos: int, i: int, config: PeerConfig,
   return same + _shuffled(_other_successes(groups, pos), rng)
 
 
-def _control_sections(groups: Sequence[Group], pos: int, i: int, config: PeerConfig, rngs: _Rngs,
+def _control_sections(groups: Sequence[Group], pos: int, group_index: int, i: int,
+                      config: PeerConfig, step: int, rngs: _Rngs,
                       count_tokens: CountTokens) -> list[Section]:
-  blocks, tokens = control_budget(groups[pos], i, config, rngs.failure, count_tokens)
+  blocks, tokens = control_budget(groups[pos], i, config, step=step, group_index=group_index,
+                                  count_tokens=count_tokens)
   pool = _control_pool(groups, pos, i, config, rngs.control)
   texts = ((ref, _demo_text(groups[ref.group].responses[ref.index], config)) for ref in pool)
-  filled = _fill_blocks(texts, blocks) if config.control_match == "block" else _fill_tokens(texts, tokens, count_tokens)
+  if config.control_match == "block":
+    filled = _fill_blocks(texts, blocks)
+  else:
+    filled = _fill_tokens(texts, tokens, count_tokens)
   return [Section(CONTROL, config.labels.control, text, (ref,)) for ref, text in filled]
 
 
@@ -544,7 +551,12 @@ def _fill_blocks(texts: Iterator[tuple[PeerRef, str]], blocks: int) -> list[tupl
 
 def _fill_tokens(texts: Iterable[tuple[PeerRef, str]], budget: int,
                  count_tokens: CountTokens) -> list[tuple[PeerRef, str]]:
-  """Whole texts while they fit, then the head of the next one up to the budget."""
+  """Whole texts while they fit, then the head of the next one up to the budget.
+
+  Empty texts are skipped. With a count that grows by at most one per character (real
+  tokenizers, `approx_token_count`) the texts' counts sum to the budget when the pool
+  is large enough (less if the cut piece ends in whitespace, which is dropped).
+  """
   out, left = [], budget
   for ref, text in texts:
     if left <= 0:
@@ -552,8 +564,8 @@ def _fill_tokens(texts: Iterable[tuple[PeerRef, str]], budget: int,
     n = count_tokens(text)
     if n == 0:  # an empty demonstration would spend a block on nothing
       continue
-    if n > left:
-      text, n = _longest_within(text, left, count_tokens, keep_end=False), left
+    if n > left:  # cut at the budget; a trailing space only costs tokens
+      text, n = _longest_within(text, left, count_tokens, keep_end=False).rstrip(), left
     if text:
       out.append((ref, text))
     left -= n
@@ -627,7 +639,7 @@ def _build_one(groups: Sequence[Group], pos: int, group_index: int, i: int, conf
   if config.control is None:
     sections, has_primary = _method_sections(groups, pos, i, config, rngs)
   else:
-    sections = _control_sections(groups, pos, i, config, rngs, count_tokens)
+    sections = _control_sections(groups, pos, group_index, i, config, step, rngs, count_tokens)
     has_primary = bool(_successes_for(group, i, config.exclude_self_success))
   verdict = group.verdicts[i]
   feedback = verdict.feedback.strip()

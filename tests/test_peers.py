@@ -333,8 +333,7 @@ def test_controls_keep_token_budget(control):
   config = get_preset(control, control_match="token")
   out = build_teacher_contexts(long_batch, config, count_tokens=words)
   for i, c in enumerate(out[0]):
-    blocks, budget = peers.control_budget(long_batch[0], i, config, peers._rollout_rngs(0, 0, 0, i).failure,
-                                          count_tokens=words)
+    _, budget = peers.control_budget(long_batch[0], i, config, count_tokens=words)
     used = sum(words(s.text) for s in c.sections if s.kind == CONTROL)
     assert used == budget, (control, i)
 
@@ -344,8 +343,7 @@ def test_control_token_budget_uses_the_2s1f_failure():
   words = lambda s: len(s.split())
   for seed in range(10):
     ref = contexts(group, PeerConfig(seed=seed))[4]
-    _, budget = peers.control_budget(group, 4, PeerConfig(seed=seed), peers._rollout_rngs(seed, 0, 0, 4).failure,
-                                     count_tokens=words)
+    _, budget = peers.control_budget(group, 4, PeerConfig(seed=seed), count_tokens=words)
     assert budget == sum(words(s.text) for s in ref.sections)
 
 
@@ -370,7 +368,8 @@ def test_truncation_right_keeps_start_of_peer_sections():
   assert c.section(PRIMARY).text == LONG.responses[1]
   assert LONG.responses[2].startswith(c.section(ANOTHER).text)
   text = user_text(c)
-  assert text.startswith("Problem P.\n\nCorrect solution:\n") and text.endswith("\n\nCorrectly solve the original question.")
+  assert text.startswith("Problem P.\n\nCorrect solution:\n")
+  assert text.endswith("\n\nCorrectly solve the original question.")
   assert c.distill_mask == 1.0
 
 
@@ -385,7 +384,8 @@ def test_truncation_left_keeps_end_of_peer_sections():
 
 
 def test_truncation_error_names_rollout_and_lengths():
-  with pytest.raises(peers.TeacherPromptTooLongError, match=r"rollout 0 has \d+ tokens > max_teacher_prompt_len=70"):
+  match = r"rollout 0 has \d+ tokens > max_teacher_prompt_len=70"
+  with pytest.raises(peers.TeacherPromptTooLongError, match=match):
     contexts(LONG, PeerConfig(max_teacher_prompt_len=70, truncation="error"), count_tokens=words)
 
 
@@ -423,8 +423,9 @@ def test_deterministic_for_a_seed(preset):
 
 def test_seed_and_step_change_draws():
   base = [c.peer_index(FAILURE) for c in contexts(MIXED, PeerConfig(seed=0))]
-  assert any([c.peer_index(FAILURE) for c in contexts(MIXED, PeerConfig(seed=s))] != base for s in range(1, 10))
-  assert any([c.peer_index(FAILURE) for c in contexts(MIXED, step=s)] != base for s in range(1, 10))
+  failures = lambda **kw: [c.peer_index(FAILURE) for c in contexts(MIXED, **kw)]
+  assert any(failures(config=PeerConfig(seed=s)) != base for s in range(1, 10))
+  assert any(failures(step=s) != base for s in range(1, 10))
 
 
 def test_draws_depend_on_global_group_index_not_batch_layout():
@@ -481,6 +482,7 @@ def test_golden_teacher_message():
 
 
 def test_custom_labels_render():
-  labels = dataclasses.replace(PeerLabels(), primary="Reference:", closing="Now solve it.", separator="\n---\n")
+  labels = dataclasses.replace(PeerLabels(), primary="Reference:", closing="Now solve it.",
+                               separator="\n---\n")
   c = contexts(make_group("fs"), PeerConfig(labels=labels))[0]
   assert user_text(c) == "What is 2+2?\n---\nReference:\nr1 answer\n---\nNow solve it."

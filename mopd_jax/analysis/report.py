@@ -66,10 +66,8 @@ def summarize_conditions(
   if not conditions:
     raise ValueError("summarize_conditions needs at least one condition")
   kw = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
-  return AnalysisSummary(
-      conditions=tuple(st.summarize_condition(name, recs, **kw) for name, recs in conditions.items()),
-      **kw,
-  )
+  summaries = tuple(st.summarize_condition(name, recs, **kw) for name, recs in conditions.items())
+  return AnalysisSummary(conditions=summaries, **kw)
 
 
 # ---------------------------------------------------------------------------- JSON
