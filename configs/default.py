@@ -1,0 +1,66 @@
+"""The main job: MOPD on the real SmolLM2-135M-Instruct, seeded reasoning-gym arithmetic.
+
+    python -m mopd_jax.main                                   # this config
+    python -m mopd_jax.main --config=configs/default.py:method=grpo
+    python -m mopd_jax.main --config.optim.lr=3e-6 --config.train.steps=20
+
+Sized for 2 CPU cores in about 15 minutes; the `tiny` argument shrinks it to a random tiny
+model for smoke tests.
+"""
+
+from mopd_jax import config_lib
+
+
+def get_config(arg: str | None = None):
+  a = config_lib.parse_arg(arg, size="default", method="mopd")
+  c = config_lib.base_config()
+  config_lib.apply_method(c, a.method)
+  c.model.preset = "smollm2-135m"
+  c.model.checkpoint = "smollm2-gguf"
+  c.data.task = "reasoning_gym"
+  c.data.options = {"dataset": "basic_arithmetic", "verifier": "math",
+                    "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2,
+                               "operators": ("+", "-"), "allow_negation": False,
+                               "allow_parentheses": False}}
+  c.data.train_size = 2000
+  c.data.eval_size = 200
+  c.data.prompts_per_step = 8
+  c.data.prompt_buckets = (64, 128)
+  c.data.response_buckets = (32, 64, 96)
+  c.data.teacher_prompt_buckets = (128, 256, 384, 512)
+  c.sampling.group_size = 4
+  c.sampling.max_new_tokens = 96
+  c.sampling.temperature = 1.0
+  c.loss.chunk_size = 128
+  c.optim.lr = 1e-5
+  c.train.steps = 20
+  c.eval.num_samples = 1
+  c.eval.temperature = 1.0
+  c.eval.max_new_tokens = 96
+  c.eval.batch_prompts = 100
+  c.checkpoint.dir = "runs/default/checkpoints"
+  c.checkpoint.every = 5
+  c.logging.dir = "runs/default"
+  c.mesh.data = 1
+  if a.size == "tiny":
+    shrink_to_tiny(c)
+  return c
+
+
+def shrink_to_tiny(c):
+  """A random tiny llama with SmolLM2's tokenizer: a < 2 minute CPU smoke run."""
+  c.model.preset = "tiny-llama"
+  c.model.checkpoint = ""
+  c.data.train_size = 64
+  c.data.eval_size = 8
+  c.data.prompts_per_step = 2
+  c.sampling.max_new_tokens = 16
+  c.data.response_buckets = (16,)
+  c.eval.max_new_tokens = 16
+  c.eval.num_samples = 2
+  c.eval.batch_prompts = 8
+  c.train.steps = 3
+  c.optim.lr = 1e-3
+  c.checkpoint.dir = ""
+  c.logging.dir = ""
+  c.logging.progress = False

@@ -1,0 +1,188 @@
+"""The run configuration: one `ml_collections.ConfigDict` tree, methods chosen by name.
+
+`base_config()` holds every field with the paper's defaults; `configs/*.py` start from it
+and shrink or point it at data. `apply_method(config, name)` switches the peer preset and
+the loss together, so `--config.method=sdpo` is all a user types. `validate(config)` runs
+before any compute and names the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import ml_collections
+
+from mopd_jax import losses, peers
+from mopd_jax.train_step import METHOD_KINDS, TEACHER_MODES
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A named training method: which loss runs and which peer preset builds contexts."""
+
+  loss: str  # a train_step.METHOD_KINDS entry
+  peer_preset: str | None = None  # peers.PEER_PRESETS entry (distillation methods only)
+  needs_peers: bool = False  # needs group size >= 2 (peer contexts, group advantages, pairs)
+  needs_external_teacher: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "mopd": Method("distill", "mopd_2s1f", needs_peers=True),
+    "positive_only": Method("distill", "positive_only", needs_peers=True),
+    "sdpo": Method("distill", "sdpo", needs_peers=True),
+    "plain_opd": Method("distill", "plain_opd", needs_external_teacher=True),
+    "random_peer": Method("distill", "random_peer", needs_peers=True),
+    "unrelated_prompt": Method("distill", "unrelated_prompt", needs_peers=True),
+    "success_only_matched": Method("distill", "success_only_matched", needs_peers=True),
+    "grpo": Method("grpo", needs_peers=True),
+    "dpo": Method("dpo", needs_peers=True),
+    "simpo": Method("simpo", needs_peers=True),
+    "verified_sft": Method("sft"),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = "mopd"
+  c.seed = 0
+  c.model = dict(
+      preset="smollm2-135m",  # models.PRESETS name or tiny-<family>
+      checkpoint="smollm2-gguf",  # HF dir, .gguf file, "smollm2-gguf", or "" (random init)
+      tokenizer="",  # "" = the checkpoint's; a path otherwise
+      param_dtype="float32",
+      dtype="float32",
+  )
+  c.teacher = dict(mode="ema", rate=0.05, external_preset="", external_checkpoint="")
+  c.sampling = dict(
+      group_size=8, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=512, stop_strings=(),
+      enable_thinking=False)
+  c.mopd = dict(
+      preset="",  # "" = the method's preset; explicit overrides below
+      overrides=ml_collections.ConfigDict({}, type_safe=False))
+  c.loss = dict(
+      alpha=0.5, top_k=100, use_tail=True, full_logits=True, is_clip=2.0, mismatch="",
+      step_level=False, loss_agg="token-mean", chunk_size=512,
+      grpo_clip=0.2, grpo_kl_coef=0.001, grpo_use_kl=False, grpo_normalize_std=True,
+      dpo_beta=0.1, simpo_beta=2.0, simpo_gamma=1.0)
+  c.optim = dict(lr=1e-5, warmup_steps=0, schedule="constant", b1=0.9, b2=0.999, eps=1e-8,
+                 weight_decay=0.0, grad_clip=1.0)
+  c.data = dict(
+      task="reasoning_gym", options=ml_collections.ConfigDict({}, type_safe=False),
+      train_size=1000, eval_size=200, eval_seed_offset=1000, prompts_per_step=32, path="",
+      prompt_buckets=(64, 128, 256, 512, 1024, 2048),
+      response_buckets=(32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+      teacher_prompt_buckets=(128, 256, 512, 1024, 2048, 4096, 8192, 10240))
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.distributed = dict(enabled=False, coordinator_address="", num_processes=1, process_id=0)
+  c.train = dict(steps=100, max_nonfinite_in_a_row=3)
+  c.eval = dict(every=0, num_samples=4, temperature=1.0, max_new_tokens=512, at_start=True, at_end=True,
+                batch_prompts=32)
+  c.checkpoint = dict(dir="", every=10, keep=3, async_save=True)
+  c.logging = dict(dir="", rollout_sample_every=10, rollout_samples=4, progress=True)
+  c.verifier = dict(num_workers=2, deadline_s=10.0)
+  return c
+
+
+def apply_method(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  if name not in METHODS:
+    raise ValueError(f"config.method: unknown method {name!r}; known: {sorted(METHODS)}")
+  config.method = name
+  return config
+
+
+def method_of(config) -> Method:
+  if config.method not in METHODS:
+    raise ValueError(f"config.method: unknown method {config.method!r}; known: {sorted(METHODS)}")
+  return METHODS[config.method]
+
+
+def peer_config(config) -> peers.PeerConfig:
+  method = method_of(config)
+  preset = config.mopd.preset or method.peer_preset or "mopd_2s1f"
+  return peers.get_preset(preset, seed=config.seed, **dict(config.mopd.overrides))
+
+
+def distill_config(config) -> losses.DistillConfig:
+  l = config.loss
+  return losses.DistillConfig(
+      alpha=l.alpha, top_k=l.top_k or None, use_tail=l.use_tail, full_logits=l.full_logits,
+      temperature=config.sampling.temperature, is_clip=l.is_clip or None, mismatch=l.mismatch or None,
+      step_level=l.step_level, loss_agg=l.loss_agg, chunk_size=l.chunk_size)
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """Fail before any compute, naming the field."""
+  method = method_of(config)
+  _check(method.loss in METHOD_KINDS, "method", f"bad loss kind {method.loss}")
+  _check(0.0 <= config.loss.alpha <= 1.0, "loss.alpha", f"must be in [0, 1], got {config.loss.alpha}")
+  _check(config.loss.full_logits or config.loss.alpha == 1.0, "loss.full_logits",
+         "sampled-token mode (full_logits=False) requires loss.alpha=1")
+  _check(config.loss.loss_agg in losses.LOSS_AGGREGATIONS, "loss.loss_agg",
+         f"unknown {config.loss.loss_agg!r}; known: {sorted(losses.LOSS_AGGREGATIONS)}")
+  _check(config.teacher.mode in TEACHER_MODES, "teacher.mode",
+         f"unknown {config.teacher.mode!r}; known: {TEACHER_MODES}")
+  _check(0.0 <= config.teacher.rate <= 1.0, "teacher.rate", f"must be in [0, 1], got {config.teacher.rate}")
+  if method.needs_external_teacher:
+    _check(config.teacher.mode == "external", "teacher.mode",
+           f"method {config.method!r} needs teacher.mode='external' (the teacher sees only the prompt)")
+  if config.teacher.mode == "external":
+    _check(bool(config.teacher.external_preset), "teacher.external_preset", "required for teacher.mode='external'")
+  g = config.sampling.group_size
+  _check(g >= 1, "sampling.group_size", f"must be >= 1, got {g}")
+  if method.needs_peers:
+    _check(g >= 2, "sampling.group_size", f"method {config.method!r} needs >= 2 rollouts per prompt, got {g}")
+  _check(config.sampling.temperature > 0, "sampling.temperature",
+         "must be > 0 for training (log-probs are taken at the sampling temperature)")
+  _check(0.0 < config.sampling.top_p <= 1.0, "sampling.top_p", f"must be in (0, 1], got {config.sampling.top_p}")
+  _check(config.data.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
+  _check(config.train.steps >= 0, "train.steps", "must be >= 0")
+  _check(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
+  if config.data.task in ("jsonl", "parquet", "tfds"):
+    _check(bool(config.data.path), "data.path", f"task {config.data.task!r} needs a data file")
+  if config.data.path:
+    _check(os.path.exists(config.data.path), "data.path", f"{config.data.path} does not exist")
+  if num_devices is not None:
+    shape = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    fixed = 1
+    for s in shape:
+      fixed *= s if s != -1 else 1
+    _check(num_devices % fixed == 0, "mesh", f"{shape} does not fit {num_devices} devices")
+    batch_shards = (config.mesh.data if config.mesh.data != -1 else num_devices // fixed) * (
+        config.mesh.fsdp if config.mesh.fsdp != -1 else num_devices // fixed)
+    processes = config.distributed.num_processes if config.distributed.enabled else 1
+    local_prompts = config.data.prompts_per_step
+    _check((local_prompts * processes) % batch_shards == 0, "data.prompts_per_step",
+           f"{local_prompts} prompts per step x {processes} process(es) is not divisible by the data x fsdp "
+           f"mesh size {batch_shards} (a prompt's rollouts must stay on one shard)")
+  try:
+    peer_config(config)
+  except ValueError as e:
+    raise ConfigError(f"config.mopd: {e}") from None
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """big_vision-style `get_config` argument: "tiny,method=grpo" -> {size: tiny, method: grpo}."""
+  out = ml_collections.ConfigDict(defaults)
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    if "=" in part:
+      key, value = part.split("=", 1)
+      if key not in out:
+        raise ValueError(f"config argument: unknown key {key!r}; known: {sorted(out)}")
+      out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+    else:
+      out.size = part
+  return out

@@ -1,0 +1,789 @@
+"""Losses: MOPD token-level distillation (MOPD_SPEC.md section 3) and the baselines (section 5).
+
+Everything here is a pure function of arrays; nothing depends on a model. Layout:
+
+1. Divergences on log-prob vectors over categories: `generalized_jsd` (forward KL at
+   alpha = 0, reverse KL at alpha = 1, generalised JSD in between), top-k categories with
+   a tail or renormalised, `token_divergence`.
+2. Per-token statistics from logits (`token_stats`) and the memory-safe version from final
+   hidden states and unembedding matrices (`chunked_token_stats`): logits are formed one
+   sequence chunk at a time under `jax.checkpoint`, so neither the forward nor the backward
+   pass ever holds [B, T, V].
+3. Token weights and masks: importance weight, sampler/trainer mismatch correction,
+   step-level averaging.
+4. Aggregation registry (`LOSS_AGGREGATIONS`).
+5. The MOPD loss (`mopd_distill_loss`, `mopd_loss_from_stats`).
+6. Baselines on per-token log-probs (`BASELINE_LOSSES`: GRPO, DPO, SimPO, SFT), the host
+   helper that builds preference pairs, and `chunked_target_logp` to get those log-probs.
+
+Conventions: `hidden[:, t]` predicts `targets[:, t]` (the caller shifts); masks are 0/1
+floats or bools; log-probs are taken at the sampling temperature (logits / temperature),
+for student and teacher alike. Log-probs must be finite (no -inf logits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+Array = jax.Array
+PyTree = Any
+
+# ---------------------------------------------------------------------------------------
+# 1. Divergences over categories
+# ---------------------------------------------------------------------------------------
+
+
+def kl_divergence(logp: Array, logq: Array) -> Array:
+  """KL(p || q), summed over the last axis."""
+  return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+
+
+def generalized_jsd(student_logp: Array, teacher_logp: Array, alpha: float) -> Array:
+  """Per-position divergence between student and teacher, summed over the last axis.
+
+  alpha = 0: KL(teacher || student); alpha = 1: KL(student || teacher); otherwise, with
+  M = (1 - alpha) p_s + alpha p_t: (1 - alpha) KL(s || M) + alpha KL(t || M). The generalised
+  JSD tends to 0 at both ends, so the endpoints are separate, exact KLs.
+  """
+  alpha = float(alpha)
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+  if alpha == 0.0:
+    return kl_divergence(teacher_logp, student_logp)
+  if alpha == 1.0:
+    return kl_divergence(student_logp, teacher_logp)
+  # log M by a two-term logsumexp: no underflow when either distribution is tiny.
+  log_m = jnp.logaddexp(math.log1p(-alpha) + student_logp, math.log(alpha) + teacher_logp)
+  return (1.0 - alpha) * kl_divergence(student_logp, log_m) + alpha * kl_divergence(teacher_logp, log_m)
+
+
+def tail_log_mass(topk_logp: Array) -> Array:
+  """log(1 - sum(exp(topk_logp))) over the last axis, stably.
+
+  The captured mass is clamped below 1 (its log below -eps of the dtype) so the tail stays
+  positive: finite log, finite gradients. Computed as log(-expm1(logsumexp(.))).
+  """
+  lse = jax.nn.logsumexp(topk_logp, axis=-1)
+  lse = jnp.minimum(lse, -jnp.finfo(lse.dtype).eps)
+  return jnp.log(-jnp.expm1(lse))
+
+
+def student_topk_ids(student_logp: Array, k: int) -> Array:
+  """Ids of the student's k most likely tokens (no gradient flows through ids)."""
+  _, ids = lax.top_k(lax.stop_gradient(student_logp), k)
+  return ids
+
+
+def topk_categories(student_logp: Array, teacher_logp: Array, ids: Array, use_tail: bool) -> tuple[Array, Array]:
+  """Both log-prob vectors restricted to `ids` [..., k], plus a tail category or renormalised."""
+  s = jnp.take_along_axis(student_logp, ids, axis=-1)
+  t = jnp.take_along_axis(teacher_logp, ids, axis=-1)
+  if use_tail:
+    s = jnp.concatenate([s, tail_log_mass(s)[..., None]], axis=-1)
+    t = jnp.concatenate([t, tail_log_mass(t)[..., None]], axis=-1)
+  else:
+    s, t = jax.nn.log_softmax(s, axis=-1), jax.nn.log_softmax(t, axis=-1)
+  return s, t
+
+
+def token_divergence(
+    student_logp: Array, teacher_logp: Array, *, alpha: float, top_k: int | None = 100, use_tail: bool = True,
+) -> Array:
+  """Divergence per position from full log-prob vectors [..., V] (small vocabularies, tests)."""
+  if top_k is not None:
+    ids = student_topk_ids(student_logp, top_k)
+    student_logp, teacher_logp = topk_categories(student_logp, teacher_logp, ids, use_tail)
+  return generalized_jsd(student_logp, teacher_logp, alpha)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Per-token statistics, plain and chunked
+# ---------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TokenStats:
+  """Per-token quantities, each [B, T]. Only `divergence` and `student_logp` carry gradient.
+
+  `divergence` is the per-token divergence over the chosen categories (full-logits mode) or
+  the sampled-token estimate log p_s(y) - log p_t(y) (sampled mode). Masses are measured at
+  the student's top-k ids (1 and 0 when top_k is None); tail = 1 - top-k mass.
+  """
+
+  divergence: Array
+  student_logp: Array  # log p_s(target)
+  teacher_logp: Array  # log p_t(target), no gradient
+  student_entropy: Array
+  student_topk_mass: Array
+  teacher_topk_mass: Array  # teacher mass on the student's top-k ids
+  student_tail_mass: Array
+  teacher_tail_mass: Array
+
+
+# Names of the small per-chunk teacher tensors the backward pass keeps instead of
+# recomputing the teacher's [B, C, V] logits (see `chunked_token_stats`).
+_SAVED_NAMES = ("mopd_topk_ids", "mopd_teacher_cats", "mopd_teacher_target_logp")
+
+
+def token_stats(
+    student_logits: Array,
+    teacher_logits: Array,
+    targets: Array,
+    *,
+    top_k: int | None = 100,
+    use_tail: bool = True,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    full_logits: bool = True,
+) -> TokenStats:
+  """`TokenStats` from logits [..., V] (materialised; use `chunked_token_stats` for long T)."""
+  vocab = student_logits.shape[-1]
+  if top_k is not None and not 0 < top_k <= vocab:
+    raise ValueError(f"top_k must be in [1, vocab={vocab}] or None, got {top_k}")
+  s_logp = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  t_logp = lax.stop_gradient(jax.nn.log_softmax(teacher_logits / temperature, axis=-1))
+  take = lambda lp: jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
+  s_tgt = take(s_logp)
+  t_tgt = checkpoint_name(take(t_logp), "mopd_teacher_target_logp")
+  entropy = lax.stop_gradient(-jnp.sum(jnp.exp(s_logp) * s_logp, axis=-1))
+  ones = jnp.ones_like(s_tgt)
+
+  if top_k is None:
+    s_mass, t_mass = ones, ones
+    s_cats, t_cats = s_logp, t_logp
+  else:
+    ids = checkpoint_name(student_topk_ids(s_logp, top_k), "mopd_topk_ids")
+    s_top = lax.stop_gradient(jnp.take_along_axis(s_logp, ids, axis=-1))
+    t_top = jnp.take_along_axis(t_logp, ids, axis=-1)
+    s_mass, t_mass = jnp.exp(jax.nn.logsumexp(s_top, -1)), jnp.exp(jax.nn.logsumexp(t_top, -1))
+    if full_logits:
+      s_cats, t_cats = topk_categories(s_logp, t_logp, ids, use_tail)
+      t_cats = checkpoint_name(t_cats, "mopd_teacher_cats")
+
+  if full_logits:
+    divergence = generalized_jsd(s_cats, t_cats, alpha)
+  else:
+    divergence = s_tgt - t_tgt  # one-sample estimate of KL(s || t) at the sampled token
+  return TokenStats(
+      divergence=divergence, student_logp=s_tgt, teacher_logp=t_tgt, student_entropy=entropy,
+      student_topk_mass=s_mass, teacher_topk_mass=t_mass,
+      student_tail_mass=1.0 - s_mass, teacher_tail_mass=1.0 - t_mass)
+
+
+TeacherLogitFn = Callable[[PyTree, PyTree], Array]
+"""(teacher hidden chunk, teacher unembed) -> teacher logits [B, C, V]; both may be pytrees."""
+
+
+def linear_logits(hidden: Array, unembed: Array) -> Array:
+  """hidden [..., D] @ unembed [D, V], accumulated in at least float32."""
+  out = jnp.promote_types(jnp.result_type(hidden, unembed), jnp.float32)
+  return jnp.einsum("...d,dv->...v", hidden, unembed, preferred_element_type=out)
+
+
+def trust_region_logit_fn(rate: float) -> TeacherLogitFn:
+  """Trust-region teacher: lerp(initial-model logits, current-student logits, rate).
+
+  Pass teacher_hidden = (h_initial, h_student) and teacher_unembed = (W_initial, W_student);
+  the student's pair is treated as teacher (no gradient) like every teacher input.
+  """
+  def logits(hidden: tuple[Array, Array], unembed: tuple[Array, Array]) -> Array:
+    initial = linear_logits(hidden[0], unembed[0])
+    current = linear_logits(hidden[1], unembed[1])
+    return initial + rate * (current - initial)
+  return logits
+
+
+def map_sequence_chunks(
+    fn: Callable[[PyTree, PyTree], PyTree],
+    seq_inputs: PyTree,
+    consts: PyTree,
+    *,
+    chunk_size: int,
+    save_names: Sequence[str] = (),
+) -> PyTree:
+  """Apply fn(chunk, consts) over chunks of the sequence axis; rematerialised per chunk.
+
+  Every leaf of `seq_inputs` is [B, T, ...]; `fn` maps a [B, C, ...] chunk to a pytree of
+  [B, C, ...] outputs. T is zero-padded to a multiple of C (outputs sliced back). Chunking
+  is along T, never across B, so a batch sharding passes through untouched. Each chunk runs
+  under `jax.checkpoint` keeping only `save_names`: the backward pass recomputes one chunk's
+  large intermediates at a time instead of stacking them for all chunks.
+  """
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  t = jax.tree.leaves(seq_inputs)[0].shape[1]
+  chunk = min(chunk_size, t)
+  n = -(-t // chunk)
+  body = jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*save_names))
+  if n == 1:
+    return body(seq_inputs, consts)
+
+  def split(x: Array) -> Array:  # [B, T, ...] -> [n, B, C, ...]
+    x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
+
+  def merge(y: Array) -> Array:  # [n, B, C, ...] -> [B, T, ...]
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape(y.shape[0], n * chunk, *y.shape[3:])[:, :t]
+
+  out = lax.map(lambda xs: body(xs, consts), jax.tree.map(split, seq_inputs))
+  return jax.tree.map(merge, out)
+
+
+def chunked_token_stats(
+    student_hidden: Array,
+    teacher_hidden: PyTree,
+    student_unembed: Array,
+    teacher_unembed: PyTree,
+    targets: Array,
+    *,
+    top_k: int | None = 100,
+    use_tail: bool = True,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    full_logits: bool = True,
+    teacher_logit_fn: TeacherLogitFn | None = None,
+) -> TokenStats:
+  """`TokenStats` [B, T] from final hidden states, never materialising [B, T, V].
+
+  student_hidden [B, T, D] and student_unembed [D, V] give student logits (hidden @ W).
+  teacher_hidden / teacher_unembed are passed to `teacher_logit_fn` (default
+  `linear_logits`) one chunk at a time; they may be pytrees (e.g. a trust-region teacher,
+  `trust_region_logit_fn`), every leaf of teacher_hidden being [B, T, ...]. The teacher gets
+  `stop_gradient`. Peak memory is O(B * chunk_size * V) in both passes; in top-k and sampled
+  modes the backward pass keeps the teacher's per-chunk [B, C, k + 1] categories and does not
+  recompute the teacher's logits.
+  """
+  teacher_logit_fn = teacher_logit_fn or linear_logits
+  teacher_hidden = lax.stop_gradient(teacher_hidden)
+  teacher_unembed = lax.stop_gradient(teacher_unembed)
+
+  def chunk_stats(xs, ws):
+    s_h, t_h, tgt = xs
+    s_w, t_w = ws
+    return token_stats(
+        linear_logits(s_h, s_w), teacher_logit_fn(t_h, t_w), tgt, top_k=top_k, use_tail=use_tail,
+        alpha=alpha, temperature=temperature, full_logits=full_logits)
+
+  # Saving the teacher's full-vocab categories would stack [B, T, V]: recompute those instead.
+  save = _SAVED_NAMES if top_k is not None else ("mopd_teacher_target_logp",)
+  return map_sequence_chunks(
+      chunk_stats, (student_hidden, teacher_hidden, targets), (student_unembed, teacher_unembed),
+      chunk_size=chunk_size, save_names=save)
+
+
+def chunked_target_logp(
+    hidden: Array, unembed: Array, targets: Array, *, temperature: float = 1.0, chunk_size: int = 512,
+) -> tuple[Array, Array]:
+  """(log p(targets), entropy), each [B, T], from hidden [B, T, D] without [B, T, V].
+
+  For the baselines, which need only the student's token log-probs. Entropy has no gradient.
+  """
+  def chunk_logp(xs, w):
+    h, tgt = xs
+    logp = jax.nn.log_softmax(linear_logits(h, w) / temperature, axis=-1)
+    entropy = lax.stop_gradient(-jnp.sum(jnp.exp(logp) * logp, axis=-1))
+    return jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0], entropy
+  return map_sequence_chunks(chunk_logp, (hidden, targets), unembed, chunk_size=chunk_size)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Token weights and masks
+# ---------------------------------------------------------------------------------------
+
+
+def importance_weight(logp: Array, old_logp: Array, is_clip: float | None = 2.0) -> Array:
+  """stopgrad(min(exp(clip(logp - old_logp, -20, 20)), is_clip)); is_clip None: no upper cap."""
+  w = jnp.exp(jnp.clip(logp - old_logp, -20.0, 20.0))
+  if is_clip is not None:
+    w = jnp.minimum(w, is_clip)
+  return lax.stop_gradient(w)
+
+
+# A mismatch correction maps (trainer_logp, sampler_logp, threshold) to
+# (token weight, token keep-mask), both [B, T] and without gradient.
+MismatchFn = Callable[[Array, Array, float], tuple[Array, Array]]
+MISMATCH_CORRECTIONS: dict[str, MismatchFn] = {}
+
+
+def _register(registry: dict, name: str):
+  def deco(fn):
+    if name in registry:
+      raise ValueError(f"duplicate registration {name!r}")
+    registry[name] = fn
+    return fn
+  return deco
+
+
+def _mismatch_ratio(trainer_logp: Array, sampler_logp: Array) -> Array:
+  return jnp.exp(jnp.clip(lax.stop_gradient(trainer_logp) - sampler_logp, -20.0, 20.0))
+
+
+@_register(MISMATCH_CORRECTIONS, "mask")
+def mismatch_mask(trainer_logp: Array, sampler_logp: Array, threshold: float = 2.0) -> tuple[Array, Array]:
+  """Drop tokens whose trainer/sampler ratio lies outside [1/threshold, threshold] (masked IS).
+
+  The project's default correction: tokens where the two engines disagree that much carry a
+  wrong signal either way, so they are excluded (they also leave the aggregation's count).
+  """
+  r = _mismatch_ratio(trainer_logp, sampler_logp)
+  keep = ((r <= threshold) & (r >= 1.0 / threshold)).astype(r.dtype)
+  return jnp.ones_like(r), keep
+
+
+@_register(MISMATCH_CORRECTIONS, "tis")
+def mismatch_truncated_is(trainer_logp: Array, sampler_logp: Array, threshold: float = 2.0) -> tuple[Array, Array]:
+  """Truncated IS: weight each token by min(ratio, threshold); keeps every token."""
+  r = _mismatch_ratio(trainer_logp, sampler_logp)
+  return jnp.minimum(r, threshold), jnp.ones_like(r)
+
+
+def step_ids_from_separators(is_separator: Array) -> Array:
+  """Step index per token [B, T] from separator flags: a separator closes its own step."""
+  sep = is_separator.astype(jnp.int32)
+  return jnp.cumsum(sep, axis=-1) - sep
+
+
+def separator_flags(token_texts: Sequence[str], separator: str = "\n\n") -> np.ndarray:
+  """Host helper: which tokens end an occurrence of `separator` in the decoded text.
+
+  Works whatever the tokenizer does with the separator (one token, glued to text, split in
+  two): occurrences are found in the concatenated text and flagged on the token holding
+  their last character.
+  """
+  ends = np.cumsum([len(s) for s in token_texts])  # exclusive end offset of each token
+  text = "".join(token_texts)
+  flags = np.zeros(len(token_texts), dtype=bool)
+  start = text.find(separator)
+  while start >= 0:
+    last = start + len(separator) - 1
+    flags[np.searchsorted(ends, last, side="right")] = True
+    start = text.find(separator, start + len(separator))
+  return flags
+
+
+def step_mean(per_token: Array, step_ids: Array, mask: Array) -> Array:
+  """Replace each token's value by the masked mean over its step (same row, same step id)."""
+  mask = mask.astype(per_token.dtype)
+  t = per_token.shape[-1]
+
+  def row(x, ids, m):
+    sums = jax.ops.segment_sum(x * m, ids, num_segments=t)
+    counts = jax.ops.segment_sum(m, ids, num_segments=t)
+    return (sums / jnp.maximum(counts, 1.0))[ids]
+
+  return jax.vmap(row)(per_token, step_ids, mask)  # vmap over rows keeps B sharded
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Aggregation
+# ---------------------------------------------------------------------------------------
+
+# (per_token [B, T], mask [B, T], norm) -> scalar. The seq-mean modes average over sequences
+# with at least one unmasked token, so rollouts masked out whole (distill_mask = 0) do not
+# dilute the mean.
+AggFn = Callable[[Array, Array, float | None], Array]
+LOSS_AGGREGATIONS: dict[str, AggFn] = {}
+
+
+def _seq_mean(seq_values: Array, mask: Array) -> Array:
+  valid = (jnp.sum(mask, axis=-1) > 0).astype(seq_values.dtype)
+  return jnp.sum(seq_values * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+@_register(LOSS_AGGREGATIONS, "token-mean")
+def agg_token_mean(per_token: Array, mask: Array, norm: float | None = None) -> Array:
+  """Mean over all unmasked tokens of the batch."""
+  return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+@_register(LOSS_AGGREGATIONS, "seq-mean-token-sum")
+def agg_seq_mean_token_sum(per_token: Array, mask: Array, norm: float | None = None) -> Array:
+  """Mean over sequences of each sequence's token sum."""
+  return _seq_mean(jnp.sum(per_token * mask, axis=-1), mask)
+
+
+@_register(LOSS_AGGREGATIONS, "seq-mean-token-mean")
+def agg_seq_mean_token_mean(per_token: Array, mask: Array, norm: float | None = None) -> Array:
+  """Mean over sequences of each sequence's token mean."""
+  sums = jnp.sum(per_token * mask, axis=-1)
+  return _seq_mean(sums / jnp.maximum(jnp.sum(mask, axis=-1), 1.0), mask)
+
+
+@_register(LOSS_AGGREGATIONS, "seq-mean-token-sum-norm")
+def agg_seq_mean_token_sum_norm(per_token: Array, mask: Array, norm: float | None = None) -> Array:
+  """Mean over sequences of token sum / norm (a constant; default the padded length T)."""
+  norm = float(per_token.shape[-1]) if norm is None else float(norm)
+  return _seq_mean(jnp.sum(per_token * mask, axis=-1) / norm, mask)
+
+
+def aggregate_loss(per_token: Array, mask: Array, mode: str = "token-mean", norm: float | None = None) -> Array:
+  """Reduce a per-token loss [B, T] under mask to a scalar with a registered mode."""
+  if mode not in LOSS_AGGREGATIONS:
+    raise ValueError(f"loss_agg: unknown mode {mode!r}; known: {sorted(LOSS_AGGREGATIONS)}")
+  return LOSS_AGGREGATIONS[mode](per_token, mask.astype(per_token.dtype), norm)
+
+
+def masked_mean(x: Array, mask: Array) -> Array:
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# 5. The MOPD distillation loss
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """Options of MOPD_SPEC.md section 3 (defaults: the paper's). Hashable: a static jit arg."""
+
+  alpha: float = 0.5
+  top_k: int | None = 100
+  use_tail: bool = True
+  full_logits: bool = True  # False: sampled-token reverse-KL policy gradient (alpha must be 1)
+  temperature: float = 1.0
+  is_clip: float | None = 2.0  # None: no cap on the importance weight
+  mismatch: str | None = None  # None | "mask" | "tis" (MISMATCH_CORRECTIONS)
+  mismatch_threshold: float = 2.0
+  step_level: bool = False  # needs DistillBatch.step_ids
+  loss_agg: str = "token-mean"
+  agg_norm: float | None = None  # constant of seq-mean-token-sum-norm; None: T
+  # Sequence positions per logits chunk. Loss + gradient peak memory is about
+  # 4.3 * B * chunk_size * V * 4 bytes (measured: 0.67 GB at B = 1, C = 256, V = 151936).
+  chunk_size: int = 512
+
+  def __post_init__(self):
+    if not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f"DistillConfig.alpha must be in [0, 1], got {self.alpha}")
+    if not self.full_logits and self.alpha != 1.0:
+      raise ValueError(f"DistillConfig.full_logits=False (sampled-token mode) needs alpha=1, got {self.alpha}")
+    if self.top_k is not None and self.top_k < 1:
+      raise ValueError(f"DistillConfig.top_k must be >= 1 or None, got {self.top_k}")
+    if self.temperature <= 0:
+      raise ValueError(f"DistillConfig.temperature must be > 0, got {self.temperature}")
+    if self.is_clip is not None and self.is_clip <= 0:
+      raise ValueError(f"DistillConfig.is_clip must be > 0 or None, got {self.is_clip}")
+    if self.mismatch is not None and self.mismatch not in MISMATCH_CORRECTIONS:
+      raise ValueError(f"DistillConfig.mismatch: unknown {self.mismatch!r}; known: {sorted(MISMATCH_CORRECTIONS)}")
+    if self.mismatch_threshold <= 1.0:
+      raise ValueError(f"DistillConfig.mismatch_threshold must be > 1, got {self.mismatch_threshold}")
+    if self.loss_agg not in LOSS_AGGREGATIONS:
+      raise ValueError(f"DistillConfig.loss_agg: unknown {self.loss_agg!r}; known: {sorted(LOSS_AGGREGATIONS)}")
+    if self.chunk_size < 1:
+      raise ValueError(f"DistillConfig.chunk_size must be >= 1, got {self.chunk_size}")
+
+
+@flax.struct.dataclass
+class DistillBatch:
+  """Per-token inputs of the distillation loss besides the hidden states.
+
+  `old_logp` is the log-prob under the policy that sampled (the sampler's), for the
+  importance weight; None: weight 1. `trainer_old_logp` is the trainer's log-prob of the
+  same policy, for the mismatch correction; None: the current student's (exact for the
+  first update on a batch, the on-policy case).
+  """
+
+  targets: Array  # [B, T] int: the token that hidden[:, t] predicts
+  response_mask: Array  # [B, T] 1 on response tokens
+  distill_mask: Array  # [B] (or [B, T]) 0: the rollout's teacher context got no peer and no feedback
+  old_logp: Array | None = None  # [B, T]
+  trainer_old_logp: Array | None = None  # [B, T]
+  step_ids: Array | None = None  # [B, T] int, for step_level (`step_ids_from_separators`)
+
+
+@flax.struct.dataclass
+class DistillMetrics:
+  """Scalars; token means are over the final loss mask."""
+
+  loss: Array
+  divergence: Array  # mean per-token divergence (sampled mode: mean log p_s(y) - log p_t(y))
+  student_entropy: Array
+  student_logp: Array
+  teacher_logp: Array
+  student_topk_mass: Array
+  teacher_topk_mass: Array
+  student_tail_mass: Array
+  teacher_tail_mass: Array
+  is_weight: Array  # mean importance weight
+  is_clipped_frac: Array  # fraction of tokens whose weight hit is_clip
+  mismatch_masked_frac: Array  # fraction of response tokens dropped by the mismatch mask
+  masked_frac: Array  # fraction of response tokens outside the final mask
+  num_tokens: Array  # tokens in the final mask
+
+
+def mopd_loss_from_stats(stats: TokenStats, batch: DistillBatch, config: DistillConfig) -> tuple[Array, DistillMetrics]:
+  """The MOPD loss from per-token stats: weights, masks, step averaging, aggregation."""
+  dtype = stats.divergence.dtype
+  response = batch.response_mask.astype(dtype)
+  distill = batch.distill_mask.astype(dtype)
+  mask = response * (distill[:, None] if distill.ndim == 1 else distill)
+
+  if config.full_logits:
+    per_token = stats.divergence
+  else:
+    # Reverse KL as a policy gradient: REINFORCE with reward -(log p_s - log p_t).
+    per_token = lax.stop_gradient(stats.divergence) * stats.student_logp
+
+  weight = jnp.ones_like(per_token)
+  is_clipped = jnp.zeros_like(per_token)
+  if batch.old_logp is not None:
+    weight = importance_weight(stats.student_logp, batch.old_logp, config.is_clip)
+    if config.is_clip is not None:
+      is_clipped = (weight >= config.is_clip).astype(dtype)
+
+  mismatch_keep = jnp.ones_like(per_token)
+  if config.mismatch is not None:
+    if batch.old_logp is None:
+      raise ValueError("DistillConfig.mismatch needs DistillBatch.old_logp (the sampler's log-probs)")
+    trainer = stats.student_logp if batch.trainer_old_logp is None else batch.trainer_old_logp
+    mw, mismatch_keep = MISMATCH_CORRECTIONS[config.mismatch](trainer, batch.old_logp, config.mismatch_threshold)
+    weight = weight * mw
+    mask = mask * mismatch_keep
+
+  per_token = per_token * weight
+  if config.step_level:
+    if batch.step_ids is None:
+      raise ValueError("DistillConfig.step_level needs DistillBatch.step_ids")
+    per_token = step_mean(per_token, batch.step_ids, mask)
+  loss = aggregate_loss(per_token, mask, config.loss_agg, config.agg_norm)
+
+  mean = lambda x: masked_mean(lax.stop_gradient(x), mask)
+  n_response = jnp.maximum(jnp.sum(response), 1.0)
+  metrics = DistillMetrics(
+      loss=lax.stop_gradient(loss),
+      divergence=mean(stats.divergence),
+      student_entropy=mean(stats.student_entropy),
+      student_logp=mean(stats.student_logp),
+      teacher_logp=mean(stats.teacher_logp),
+      student_topk_mass=mean(stats.student_topk_mass),
+      teacher_topk_mass=mean(stats.teacher_topk_mass),
+      student_tail_mass=mean(stats.student_tail_mass),
+      teacher_tail_mass=mean(stats.teacher_tail_mass),
+      is_weight=mean(weight),
+      is_clipped_frac=mean(is_clipped),
+      mismatch_masked_frac=jnp.sum(response * (1.0 - mismatch_keep)) / n_response,
+      masked_frac=1.0 - jnp.sum(mask) / n_response,
+      num_tokens=jnp.sum(mask))
+  return loss, metrics
+
+
+def mopd_distill_loss(
+    student_hidden: Array,
+    student_unembed: Array,
+    teacher_hidden: PyTree,
+    teacher_unembed: PyTree,
+    batch: DistillBatch,
+    config: DistillConfig,
+    teacher_logit_fn: TeacherLogitFn | None = None,
+) -> tuple[Array, DistillMetrics]:
+  """MOPD loss from final hidden states (student under the plain prompt, teacher under the
+  peer context, both aligned on the response tokens) with mask response_mask * distill_mask.
+  Gradients flow to the student's hidden states and unembedding only.
+  """
+  stats = chunked_token_stats(
+      student_hidden, teacher_hidden, student_unembed, teacher_unembed, batch.targets,
+      top_k=config.top_k if config.full_logits else None, use_tail=config.use_tail, alpha=config.alpha,
+      temperature=config.temperature, chunk_size=config.chunk_size, full_logits=config.full_logits,
+      teacher_logit_fn=teacher_logit_fn)
+  return mopd_loss_from_stats(stats, batch, config)
+
+
+# ---------------------------------------------------------------------------------------
+# 6. Baselines: GRPO, on-policy DPO / SimPO, verified-success SFT
+# ---------------------------------------------------------------------------------------
+# Each takes the current policy's per-token log-probs `logp` [B, T] (with gradient; see
+# `chunked_target_logp`), a typed batch and a static config; returns (loss, metrics).
+
+BaselineFn = Callable[[Array, Any, Any], tuple[Array, Any]]
+BASELINE_LOSSES: dict[str, BaselineFn] = {}
+
+
+def group_advantages(rewards: Array, *, normalize_std: bool = True, eps: float = 1e-6) -> Array:
+  """GRPO advantages [num_groups, G]: (r - group mean) / (group std + eps), std unbiased.
+
+  Unbiased std (ddof = 1) as in the reference GRPO implementations; a group of one gets 0.
+  """
+  rewards = jnp.asarray(rewards)
+  adv = rewards - jnp.mean(rewards, axis=-1, keepdims=True)
+  if rewards.shape[-1] < 2:
+    return jnp.zeros_like(adv)
+  if normalize_std:
+    adv = adv / (jnp.std(rewards, axis=-1, keepdims=True, ddof=1) + eps)
+  return adv
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  clip_eps: float = 0.2
+  kl_coef: float = 0.001  # k3 KL to the reference; used when GRPOBatch.ref_logp is given
+  loss_agg: str = "token-mean"
+  agg_norm: float | None = None
+
+
+@flax.struct.dataclass
+class GRPOBatch:
+  old_logp: Array  # [B, T] log-probs of the policy that sampled
+  advantages: Array  # [B] per rollout (`group_advantages(...).reshape(-1)`)
+  response_mask: Array  # [B, T]
+  ref_logp: Array | None = None  # [B, T] initial/reference model; None: no KL term
+
+
+@flax.struct.dataclass
+class GRPOMetrics:
+  loss: Array
+  pg_loss: Array
+  kl: Array  # mean k3 KL (0 without ref_logp)
+  clip_frac: Array  # fraction of tokens where the clipped term was active
+  ratio: Array  # mean ratio
+
+
+def k3_kl(logp: Array, ref_logp: Array) -> Array:
+  """k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1, clamped to [-10, 10]."""
+  d = jnp.clip(ref_logp - logp, -20.0, 20.0)
+  return jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
+
+
+@_register(BASELINE_LOSSES, "grpo")
+def grpo_loss(logp: Array, batch: GRPOBatch, config: GRPOConfig = GRPOConfig()) -> tuple[Array, GRPOMetrics]:
+  """PPO clipped-ratio loss with group advantages, plus optional k3 KL to the reference."""
+  mask = batch.response_mask.astype(logp.dtype)
+  ratio = jnp.exp(jnp.clip(logp - batch.old_logp, -20.0, 20.0))
+  adv = batch.advantages.astype(logp.dtype)[:, None]
+  unclipped = -adv * ratio
+  clipped = -adv * jnp.clip(ratio, 1.0 - config.clip_eps, 1.0 + config.clip_eps)
+  pg = jnp.maximum(unclipped, clipped)
+  pg_loss = aggregate_loss(pg, mask, config.loss_agg, config.agg_norm)
+  kl = jnp.zeros((), logp.dtype)
+  loss = pg_loss
+  if batch.ref_logp is not None:
+    kl = aggregate_loss(k3_kl(logp, batch.ref_logp), mask, config.loss_agg, config.agg_norm)
+    loss = pg_loss + config.kl_coef * kl
+  sg = lax.stop_gradient
+  metrics = GRPOMetrics(
+      loss=sg(loss), pg_loss=sg(pg_loss), kl=sg(kl),
+      clip_frac=masked_mean(sg((clipped > unclipped).astype(logp.dtype)), mask),
+      ratio=masked_mean(sg(ratio), mask))
+  return loss, metrics
+
+
+def build_preference_pairs(
+    rewards: np.ndarray, max_pairs_per_group: int = 1, min_margin: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Host: (chosen, rejected, pair_mask), each [num_groups * max_pairs_per_group].
+
+  rewards [num_groups, G]; rollout (g, i) has flat index g * G + i. Per group, the j-th best
+  rollout is paired with the j-th worst (j < max_pairs_per_group, best above worst), kept
+  when its reward exceeds the other's by more than `min_margin`. Ties keep index order, so
+  pairs are deterministic. Unused slots are padding (mask 0, indices 0): fixed shapes.
+  """
+  rewards = np.asarray(rewards, dtype=np.float64)
+  groups, g = rewards.shape
+  n = groups * max_pairs_per_group
+  chosen, rejected = np.zeros(n, np.int32), np.zeros(n, np.int32)
+  mask = np.zeros(n, np.float32)
+  for grp in range(groups):
+    order = np.argsort(-rewards[grp], kind="stable")  # best first
+    for j in range(min(max_pairs_per_group, g // 2)):
+      hi, lo = order[j], order[g - 1 - j]
+      if rewards[grp, hi] - rewards[grp, lo] > min_margin:
+        slot = grp * max_pairs_per_group + j
+        chosen[slot], rejected[slot], mask[slot] = grp * g + hi, grp * g + lo, 1.0
+  return chosen, rejected, mask
+
+
+@flax.struct.dataclass
+class PreferenceBatch:
+  response_mask: Array  # [B, T]
+  chosen: Array  # [P] int rollout indices
+  rejected: Array  # [P]
+  pair_mask: Array  # [P] 1 = real pair, 0 = padding
+  ref_seq_logp: Array | None = None  # [B] reference model's summed response log-prob (DPO)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+  beta: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class SimPOConfig:
+  beta: float = 2.0
+  gamma: float = 1.0  # target reward margin (SimPO paper: gamma / beta = 0.5)
+
+
+@flax.struct.dataclass
+class PreferenceMetrics:
+  loss: Array
+  margin: Array  # mean implicit-reward margin (the logit inside the sigmoid)
+  accuracy: Array  # fraction of pairs with a positive margin
+  num_pairs: Array
+
+
+def sequence_logp(logp: Array, mask: Array) -> Array:
+  """Summed response log-prob per rollout [B]."""
+  return jnp.sum(logp * mask.astype(logp.dtype), axis=-1)
+
+
+def _pair_loss(margin: Array, pair_mask: Array) -> tuple[Array, PreferenceMetrics]:
+  m = pair_mask.astype(margin.dtype)
+  loss = masked_mean(-jax.nn.log_sigmoid(margin), m)
+  sg = lax.stop_gradient
+  return loss, PreferenceMetrics(
+      loss=sg(loss), margin=masked_mean(sg(margin), m),
+      accuracy=masked_mean((sg(margin) > 0).astype(margin.dtype), m), num_pairs=jnp.sum(m))
+
+
+@_register(BASELINE_LOSSES, "dpo")
+def dpo_loss(logp: Array, batch: PreferenceBatch, config: DPOConfig = DPOConfig()) -> tuple[Array, PreferenceMetrics]:
+  """-log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r))) on summed sequence log-probs."""
+  if batch.ref_seq_logp is None:
+    raise ValueError("dpo_loss needs PreferenceBatch.ref_seq_logp")
+  seq = sequence_logp(logp, batch.response_mask) - lax.stop_gradient(batch.ref_seq_logp)
+  margin = config.beta * (seq[batch.chosen] - seq[batch.rejected])
+  return _pair_loss(margin, batch.pair_mask)
+
+
+@_register(BASELINE_LOSSES, "simpo")
+def simpo_loss(logp: Array, batch: PreferenceBatch, config: SimPOConfig = SimPOConfig()) -> tuple[Array, PreferenceMetrics]:
+  """-log sigmoid(beta (mean logp_c - mean logp_r) - gamma): length-normalised, no reference."""
+  mask = batch.response_mask.astype(logp.dtype)
+  avg = sequence_logp(logp, mask) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+  margin = config.beta * (avg[batch.chosen] - avg[batch.rejected]) - config.gamma
+  return _pair_loss(margin, batch.pair_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  pass
+
+
+@flax.struct.dataclass
+class SFTBatch:
+  response_mask: Array  # [B, T]
+  success: Array  # [B] 1 for verified successes
+
+
+@flax.struct.dataclass
+class SFTMetrics:
+  loss: Array
+  num_tokens: Array
+  num_sequences: Array
+
+
+@_register(BASELINE_LOSSES, "sft")
+def sft_loss(logp: Array, batch: SFTBatch, config: SFTConfig = SFTConfig()) -> tuple[Array, SFTMetrics]:
+  """Token-mean NLL over the responses of successful rollouts only."""
+  success = batch.success.astype(logp.dtype)
+  mask = batch.response_mask.astype(logp.dtype) * success[:, None]
+  loss = agg_token_mean(-logp, mask)
+  return loss, SFTMetrics(loss=lax.stop_gradient(loss), num_tokens=jnp.sum(mask), num_sequences=jnp.sum(success))

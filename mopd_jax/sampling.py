@@ -1,0 +1,627 @@
+"""Grouped rollout sampler: prefill each prompt once, decode G samples from copies of its cache.
+
+    result = sample(model, prompts, num_samples=8, rng=jax.random.key(0),
+                    sampling_params=SamplingParams(max_new_tokens=512, stop_token_ids=(eos,)))
+
+How a call runs
+1. Host: prompts are left-padded with `pad_id` to the smallest *prompt bucket* that holds
+   the longest one (left padding makes every row write the same cache slot), and
+   `max_new_tokens` is rounded up to a *generation bucket* (the size of the token buffers and
+   of the cache's decode region). Shapes are therefore static per bucket pair: one compilation
+   of `_prefill` and one of `_decode` per (buckets, batch, model, rule), reused across calls.
+   `max_new_tokens` itself is a traced scalar, so any value inside a bucket reuses the program.
+2. `_prefill` (jit): one forward pass over the B x Lp prompt tokens into a KV cache, logits of
+   the last prompt position only; then each cache row and logit row is repeated G times
+   (prompt b -> rows b*G .. b*G+G-1), so a group's G rows start from identical caches.
+3. `_decode` (jit, cache donated): the first token of every row is sampled from the prefill
+   logits (the G copies draw independent uniforms); then a `lax.while_loop` feeds the last
+   token, samples the next one, and stops early once every row has emitted a stop token or
+   reached `max_new_tokens`. Finished rows emit `pad_id` and are masked.
+4. Host: stop strings are matched in the detokenised text (see `_cut_at_stop_string` for the
+   token-boundary rule) and the typed `SampleResult` is built from numpy arrays.
+
+Per generated token the sampler returns three log-probs (all float32):
+- `logprobs`: under the distribution actually sampled from: log_softmax of the processed
+  logits (temperature, then top-k, then top-p, renormalised). 0 for greedy decoding.
+- `scaled_logprobs`: log_softmax(logits / temperature) without truncation: the "policy" the
+  MOPD trainer compares against (teacher temperature = student temperature). Greedy: T = 1.
+- `model_logprobs`: log_softmax(logits), no processing at all.
+
+Randomness: the uniform of token i of row r is `uniform(fold_in(rng, i))[r]`; with jax's
+partitionable threefry the result depends only on `rng`, not on the mesh.
+Sampling is an inverse-CDF draw from one uniform per row (blocked: one pass over the vocab
+plus a pass over one block), not Gumbel-max, which would draw B x V random numbers per step.
+Top-p keeps the smallest set of most likely tokens whose mass reaches `top_p` (the same set
+as sorting and cutting the cumulative sum; ties at the cut-off are all kept); it is found by
+bisection on the probability threshold, 30 masked sums over [B, V] instead of a full sort,
+which is several times cheaper on CPU and comparable on GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import math
+from typing import Any, Callable, Optional, Sequence, Union
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from mopd_jax import sharding
+from mopd_jax.models.config import ModelConfig
+from mopd_jax.models.transformer import KVCache, Transformer, positions_from_segments
+
+Array = jax.Array
+ModelLike = Union[Transformer, tuple[nnx.GraphDef, nnx.State]]
+
+
+def power_of_two_buckets(lo: int, hi: int) -> tuple[int, ...]:
+  """(lo, 2*lo, ..., hi) for powers of two lo <= hi."""
+  return tuple(2**i for i in range(int(math.log2(lo)), int(math.log2(hi)) + 1))
+
+
+class FinishReason(str, enum.Enum):
+  STOP = "stop"  # emitted one of `stop_token_ids` (the stop token is kept in the response)
+  LENGTH = "length"  # reached max_new_tokens
+  STOP_STRING = "stop_string"  # a stop string completed (host-side, after decoding)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How to sample. Hashable; only `temperature`, `top_p`, `top_k`, `stop_token_ids` and
+  `pad_id` shape the compiled decoder (the rest is host-side or a traced scalar)."""
+
+  temperature: float = 1.0  # 0 = greedy
+  top_p: float = 1.0  # in (0, 1]; 1 = off
+  top_k: Optional[int] = None  # None or 0 = off
+  max_new_tokens: int = 256
+  stop_token_ids: tuple[int, ...] = ()  # any of these ends a row (and is kept in it)
+  pad_id: int = 0  # fills left prompt padding and finished rows
+  stop_strings: tuple[str, ...] = ()  # host-side; needs `decode_fn` in `sample`
+  prompt_buckets: tuple[int, ...] = power_of_two_buckets(16, 8192)
+  generation_buckets: tuple[int, ...] = power_of_two_buckets(16, 8192)
+  truncate_prompts_left: bool = False  # else a prompt longer than the largest bucket fails
+
+  def __post_init__(self):
+    # Accept lists for the tuple fields; keep the object hashable.
+    for name in ("stop_token_ids", "stop_strings", "prompt_buckets", "generation_buckets"):
+      value = getattr(self, name)
+      if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"SamplingParams.{name} must be a sequence, got {value!r}")
+      object.__setattr__(self, name, tuple(value))
+    if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+            and self.temperature >= 0):
+      raise ValueError(f"SamplingParams.temperature must be a finite number >= 0, got {self.temperature!r}")
+    if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+      raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
+    if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 0):
+      raise ValueError(f"SamplingParams.top_k must be None or an int >= 0, got {self.top_k!r}")
+    if not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1):
+      raise ValueError(f"SamplingParams.max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+    if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+      raise ValueError(f"SamplingParams.stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}")
+    if not (_is_int(self.pad_id) and self.pad_id >= 0):
+      raise ValueError(f"SamplingParams.pad_id must be an int >= 0, got {self.pad_id!r}")
+    if not all(isinstance(s, str) and s for s in self.stop_strings):
+      raise ValueError(f"SamplingParams.stop_strings must be non-empty strings, got {self.stop_strings!r}")
+    for name in ("prompt_buckets", "generation_buckets"):
+      buckets = getattr(self, name)
+      if not buckets or not all(_is_int(b) and b >= 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+        raise ValueError(f"SamplingParams.{name} must be strictly increasing ints >= 1, got {buckets!r}")
+    if self.max_new_tokens > self.generation_buckets[-1]:
+      raise ValueError(
+          f"SamplingParams.max_new_tokens={self.max_new_tokens} exceeds the largest generation "
+          f"bucket {self.generation_buckets[-1]} (SamplingParams.generation_buckets)")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+  def replace(self, **changes) -> "SamplingParams":
+    return dataclasses.replace(self, **changes)
+
+  def token_rule(self) -> "TokenRule":
+    """The part that decides how one token is drawn (normalised, so equal rules share programs)."""
+    if self.greedy:
+      return TokenRule(temperature=0.0, top_p=1.0, top_k=0)
+    return TokenRule(temperature=float(self.temperature), top_p=float(self.top_p), top_k=self.top_k or 0)
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRule:
+  """Static token-selection rule: temperature (0 = greedy), then top-k (0 = off), then top-p."""
+
+  temperature: float
+  top_p: float
+  top_k: int
+
+
+# ----------------------------------------------------------------------------------------------
+# One sampling step on [B, V] logits.
+
+
+@flax.struct.dataclass
+class TokenSample:
+  token: Array  # [B] int32
+  logprob: Array  # [B] float32, under the processed (sampled-from) distribution
+  scaled_logprob: Array  # [B] float32, log_softmax(logits / temperature)
+  model_logprob: Array  # [B] float32, log_softmax(logits)
+
+
+def sample_token(logits: Array, rng: Array, params: Union[SamplingParams, TokenRule]) -> TokenSample:
+  """Draw one token per row of logits [B, V] (float32) under `params`."""
+  rule = params.token_rule() if isinstance(params, SamplingParams) else params
+  uniform = jax.random.uniform(rng, logits.shape[:1], jnp.float32)
+  return sample_with_uniform(logits, uniform, rule)
+
+
+def sample_with_uniform(logits: Array, uniform: Array, rule: TokenRule) -> TokenSample:
+  """`sample_token` with the per-row uniforms [B] in [0, 1) given (deterministic)."""
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  take = lambda x, i: jnp.take_along_axis(x, i[:, None], axis=-1)[:, 0]
+  if rule.temperature == 0:
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    model_lp = take(logits, token) - jax.nn.logsumexp(logits, axis=-1)
+    return TokenSample(token, jnp.zeros_like(model_lp), model_lp, model_lp)
+
+  scaled = logits if rule.temperature == 1 else logits / rule.temperature
+  top_k = rule.top_k if 0 < rule.top_k < vocab else 0
+  if top_k:
+    candidates, candidate_ids = jax.lax.top_k(scaled, top_k)  # [B, k], descending
+    scaled_lse = jax.nn.logsumexp(scaled, axis=-1)
+    shift = candidates[:, 0]
+  else:
+    candidates, candidate_ids = scaled, None
+    shift = jnp.max(scaled, axis=-1)
+  weights = jnp.exp(candidates - shift[:, None])  # unnormalised, max 1
+  if not top_k:
+    # No top-k: the untruncated normaliser comes for free from the same weights.
+    scaled_lse = shift + jnp.log(jnp.sum(weights, axis=-1))
+  if rule.top_p < 1:
+    weights = jnp.where(_nucleus_mask(weights, rule.top_p), weights, 0.0)
+  choice = _inverse_cdf(weights, uniform)
+  chosen = take(candidates, choice)
+  logprob = chosen - shift - jnp.log(jnp.sum(weights, axis=-1))
+  token = choice if candidate_ids is None else take(candidate_ids, choice)
+  token = token.astype(jnp.int32)
+  if rule.temperature == 1:
+    model_lp = chosen - scaled_lse
+  else:
+    model_lp = take(logits, token) - jax.nn.logsumexp(logits, axis=-1)
+  return TokenSample(token, logprob, chosen - scaled_lse, model_lp)
+
+
+def _nucleus_mask(weights: Array, top_p: float) -> Array:
+  """[B, n] bool: the smallest most-likely set with mass >= top_p (weights >= 0, max 1).
+
+  Bisection over the float32 bit pattern of the threshold t (monotone for t >= 0) for the
+  largest t with mass(weights >= t) >= top_p * total; 30 halvings of [0, bits(1.0)] are exact.
+  """
+  target = top_p * jnp.sum(weights, axis=-1)
+  one_bits = int(np.float32(1.0).view(np.int32))
+
+  def halve(_, bounds):
+    lo, hi = bounds  # mass(>= lo) reaches the target, mass(>= hi) does not
+    mid = lo + (hi - lo) // 2
+    t = jax.lax.bitcast_convert_type(mid, jnp.float32)
+    mass = jnp.sum(jnp.where(weights >= t[:, None], weights, 0.0), axis=-1)
+    ok = mass >= target
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  b = weights.shape[0]
+  lo = jnp.zeros((b,), jnp.int32)
+  hi = jnp.full((b,), one_bits + 1, jnp.int32)
+  lo, _ = jax.lax.fori_loop(0, 30, halve, (lo, hi))
+  return weights >= jax.lax.bitcast_convert_type(lo, jnp.float32)[:, None]
+
+
+def _last_positive(x: Array) -> Array:
+  """[B, n] -> [B] index of the last entry > 0 (clamps an inverse-CDF draw that rounded past)."""
+  n = x.shape[-1]
+  return (n - 1 - jnp.argmax(x[:, ::-1] > 0, axis=-1)).astype(jnp.int32)
+
+
+def _block_size(n: int) -> int:
+  if n <= 512:
+    return n
+  for size in (256, 128, 64):
+    if n % size == 0:
+      return size
+  return 256
+
+
+def _inverse_cdf(weights: Array, uniform: Array) -> Array:
+  """Index i with P(i) proportional to weights[b, i] >= 0, from uniform [B] in [0, 1).
+
+  Blocked so the sequential cumulative sums are short: pick the block from the block masses,
+  then the token inside that block. Zero-weight entries are never chosen.
+  """
+  b, n = weights.shape
+  size = _block_size(n)
+  padded = -(-n // size) * size
+  if padded != n:
+    weights = jnp.pad(weights, ((0, 0), (0, padded - n)))
+  blocks = weights.reshape(b, padded // size, size)
+  block_mass = jnp.sum(blocks, axis=-1)  # [B, nb]
+  cum = jnp.cumsum(block_mass, axis=-1)
+  target = uniform * cum[:, -1]
+  j = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), _last_positive(block_mass))
+  before = jnp.take_along_axis(cum - block_mass, j[:, None], axis=-1)[:, 0]
+  inner = jnp.take_along_axis(blocks, j[:, None, None], axis=1)[:, 0]  # [B, size]
+  inner_cum = jnp.cumsum(inner, axis=-1)
+  i = jnp.sum(inner_cum <= (target - before)[:, None], axis=-1)
+  i = jnp.minimum(i, _last_positive(inner))
+  return (j * size + i).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Jitted prefill and decode. Module-level jits: compiled programs are cached by the static
+# arguments (graphdef, rule, buckets, mesh) and the input shapes, so repeated calls reuse them.
+
+
+@flax.struct.dataclass
+class Prefilled:
+  cache: KVCache  # [B*G] rows, max_len = Lp + generation bucket, index = Lp
+  logits: Array  # [B*G, V] float32, logits after the last prompt token
+  positions: Array  # [B*G] int32, RoPE position of the first generated token (= prompt length)
+
+
+@flax.struct.dataclass
+class Decoded:
+  tokens: Array  # [R, N] int32, pad after each row's end
+  logprobs: Array  # [R, N] float32 (0 where masked), see module docstring
+  scaled_logprobs: Array  # [R, N]
+  model_logprobs: Array  # [R, N]
+  lengths: Array  # [R] int32, tokens generated (a stop token included)
+  stopped: Array  # [R] bool, ended by a stop token
+
+
+@flax.struct.dataclass
+class _DecodeState:
+  step: Array  # [] int32, index of the token to generate next
+  last_token: Array  # [R] int32
+  out: Decoded
+  done: Array  # [R] bool
+  cache: KVCache
+
+
+def _constrain(x: Array, mesh: Optional[Mesh], spec: Optional[NamedSharding] = None) -> Array:
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, spec or sharding.batch_sharding(mesh, x.ndim))
+
+
+def _constrain_cache(cache: KVCache, mesh: Optional[Mesh], num_kv_heads: int) -> KVCache:
+  if mesh is None:
+    return cache
+  kv = sharding.cache_sharding(mesh, num_kv_heads)
+  return cache.replace(
+      keys=tuple(_constrain(k, mesh, kv) for k in cache.keys),
+      values=tuple(_constrain(v, mesh, kv) for v in cache.values),
+      segment_ids=_constrain(cache.segment_ids, mesh))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "generation_len", "mesh"))
+def _prefill(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: Array,  # [B, Lp] int32, left-padded
+    prompt_lengths: Array,  # [B] int32
+    *,
+    num_samples: int,
+    generation_len: int,
+    mesh: Optional[Mesh],
+) -> Prefilled:
+  model = nnx.merge(graphdef, state)
+  config: ModelConfig = model.config
+  b, lp = tokens.shape
+  segments = (jnp.arange(lp)[None, :] >= (lp - prompt_lengths)[:, None]).astype(jnp.int32)
+  cache = KVCache.empty(config, b, lp + generation_len)
+  cache = _constrain_cache(cache, mesh, config.num_kv_heads)
+  out = model(tokens, positions_from_segments(segments), segments, cache, return_logits=False)
+  # Left padding: the last slot is every row's last prompt token; only its logits are needed.
+  logits = model.logits(out.hidden[:, -1:])[:, 0]
+  cache = _constrain_cache(out.cache.repeat_rows(num_samples), mesh, config.num_kv_heads)
+  return Prefilled(
+      cache=cache,
+      logits=_constrain(jnp.repeat(logits, num_samples, axis=0), mesh),
+      positions=_constrain(jnp.repeat(prompt_lengths, num_samples, axis=0), mesh))
+
+
+def _is_stop(token: Array, stop_token_ids: tuple[int, ...]) -> Array:
+  hit = jnp.zeros(token.shape, bool)
+  for t in stop_token_ids:
+    hit = hit | (token == t)
+  return hit
+
+
+def _record(s: _DecodeState, sample: TokenSample, max_new_tokens: Array, stop_token_ids, pad_id,
+            mesh) -> _DecodeState:
+  """Write token `s.step` of every active row; finished rows get pad and zero log-probs."""
+  active = ~s.done
+  token = jnp.where(active, sample.token, pad_id)
+  put = lambda buf, col: _constrain(
+      jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, s.step)), mesh)
+  zero = lambda x: jnp.where(active, x, 0.0)
+  hit_stop = active & _is_stop(token, stop_token_ids)
+  out = Decoded(
+      tokens=put(s.out.tokens, token),
+      logprobs=put(s.out.logprobs, zero(sample.logprob)),
+      scaled_logprobs=put(s.out.scaled_logprobs, zero(sample.scaled_logprob)),
+      model_logprobs=put(s.out.model_logprobs, zero(sample.model_logprob)),
+      lengths=s.out.lengths + active.astype(jnp.int32),
+      stopped=s.out.stopped | hit_stop)
+  done = s.done | hit_stop | (s.step + 1 >= max_new_tokens)
+  return s.replace(step=s.step + 1, last_token=token, out=out, done=done)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "rule", "stop_token_ids", "pad_id", "generation_len", "mesh"),
+    donate_argnames=("cache",))
+def _decode(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    cache: KVCache,  # Prefilled.cache, donated: the loop updates it in place
+    first_logits: Array,  # [R, V] Prefilled.logits
+    first_positions: Array,  # [R] Prefilled.positions
+    rng: Array,
+    max_new_tokens: Array,  # [] int32, <= the generation bucket
+    *,
+    rule: TokenRule,
+    stop_token_ids: tuple[int, ...],
+    pad_id: int,
+    generation_len: int,  # N: the generation bucket
+    mesh: Optional[Mesh],
+) -> tuple[Decoded, KVCache]:
+  """Sample up to `max_new_tokens` tokens per row; returns them and the final cache.
+
+  The cache comes back so that the donated prefill cache can be aliased to it (no copy).
+  """
+  config: ModelConfig = nnx.merge(graphdef, state).config
+  rows = first_logits.shape[0]
+  draw = lambda step, logits: sample_with_uniform(
+      logits, jax.random.uniform(jax.random.fold_in(rng, step), (rows,), jnp.float32), rule)
+  buffer = lambda dtype: _constrain(jnp.zeros((rows, generation_len), dtype), mesh)
+  s = _DecodeState(
+      step=jnp.zeros((), jnp.int32),
+      last_token=jnp.zeros((rows,), jnp.int32),
+      out=Decoded(
+          tokens=_constrain(jnp.full((rows, generation_len), pad_id, jnp.int32), mesh),
+          logprobs=buffer(jnp.float32), scaled_logprobs=buffer(jnp.float32),
+          model_logprobs=buffer(jnp.float32),
+          lengths=jnp.zeros((rows,), jnp.int32), stopped=jnp.zeros((rows,), bool)),
+      done=jnp.zeros((rows,), bool),
+      cache=cache)
+  # Token 0 comes from the prefill logits; each of a group's G copies draws its own uniform.
+  s = _record(s, draw(0, first_logits), max_new_tokens, stop_token_ids, pad_id, mesh)
+
+  def keep_going(s: _DecodeState) -> Array:
+    return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+  def step(s: _DecodeState) -> _DecodeState:
+    model = nnx.merge(graphdef, state)
+    positions = first_positions + s.step - 1  # RoPE position of the token being fed
+    ones = jnp.ones((rows, 1), jnp.int32)
+    out = model(s.last_token[:, None], positions[:, None], ones, s.cache)
+    s = s.replace(cache=_constrain_cache(out.cache, mesh, config.num_kv_heads))
+    logits = _constrain(out.logits[:, 0], mesh)
+    return _record(s, draw(s.step, logits), max_new_tokens, stop_token_ids, pad_id, mesh)
+
+  s = jax.lax.while_loop(keep_going, step, s)
+  return s.out, s.cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SampleResult:
+  """G rollouts for each of B prompts, as host numpy arrays. Row r belongs to prompt r // G.
+
+  N = `max_new_tokens`. A row's response is `tokens[r, :lengths[r]]` (its stop token, if any,
+  included); everything after is `pad_id` with zero log-probs and `response_mask` False.
+  """
+
+  tokens: np.ndarray  # [R, N] int32
+  logprobs: np.ndarray  # [R, N] float32, under the sampled-from (processed) distribution
+  scaled_logprobs: np.ndarray  # [R, N] float32, log_softmax(logits / temperature)
+  model_logprobs: np.ndarray  # [R, N] float32, log_softmax(logits)
+  lengths: np.ndarray  # [R] int32
+  response_mask: np.ndarray  # [R, N] bool
+  finish_reasons: tuple[FinishReason, ...]  # [R]
+  group_index: np.ndarray  # [R] int32, = r // num_samples
+  prompt_tokens: np.ndarray  # [B, Lp] int32, left-padded with pad_id (after truncation)
+  prompt_lengths: np.ndarray  # [B] int32
+  prompt_truncated: np.ndarray  # [B] int32, tokens dropped from the left of each prompt
+  num_samples: int
+  texts: Optional[tuple[str, ...]] = None  # [R] decoded responses (stop string cut), with decode_fn
+
+  @property
+  def num_rows(self) -> int:
+    return self.tokens.shape[0]
+
+  def response(self, r: int) -> list[int]:
+    return self.tokens[r, :self.lengths[r]].tolist()
+
+  def prompt(self, b: int) -> list[int]:
+    lp = self.prompt_tokens.shape[1]
+    return self.prompt_tokens[b, lp - self.prompt_lengths[b]:].tolist()
+
+
+def _bucket(length: int, buckets: tuple[int, ...]) -> int:
+  return next(b for b in buckets if b >= length)
+
+
+def _split_model(model: ModelLike) -> tuple[nnx.GraphDef, nnx.State, ModelConfig]:
+  if isinstance(model, nnx.Module):
+    graphdef, state = nnx.split(model)
+    return graphdef, state, model.config
+  if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], nnx.GraphDef):
+    graphdef, state = model
+    return graphdef, state, nnx.merge(graphdef, state).config
+  raise TypeError(f"sample: model must be a Transformer or a (graphdef, state) pair, got {type(model)}")
+
+
+def _pack_prompts(prompts: Sequence[Sequence[int]], params: SamplingParams, vocab_size: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Left-pad to the prompt bucket -> (tokens [B, Lp], lengths [B], truncated [B])."""
+  if len(prompts) == 0:
+    raise ValueError("sample: prompts is empty")
+  arrays = []
+  for i, p in enumerate(prompts):
+    a = np.asarray(p)
+    if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
+      raise ValueError(f"sample: prompt {i} must be a non-empty sequence of token ids, got {p!r:.80}")
+    if a.min() < 0 or a.max() >= vocab_size:
+      raise ValueError(f"sample: prompt {i} has token ids outside [0, {vocab_size})")
+    arrays.append(a)
+  longest = max(a.size for a in arrays)
+  largest = params.prompt_buckets[-1]
+  if longest > largest and not params.truncate_prompts_left:
+    raise ValueError(
+        f"sample: a prompt has {longest} tokens, more than the largest prompt bucket {largest} "
+        "(SamplingParams.prompt_buckets); set SamplingParams.truncate_prompts_left=True to keep "
+        "the last tokens instead")
+  truncated = np.array([max(a.size - largest, 0) for a in arrays], np.int32)
+  arrays = [a[-largest:] for a in arrays]
+  lp = _bucket(min(longest, largest), params.prompt_buckets)
+  tokens = np.full((len(arrays), lp), params.pad_id, np.int32)
+  for i, a in enumerate(arrays):
+    tokens[i, lp - a.size:] = a
+  return tokens, np.array([a.size for a in arrays], np.int32), truncated
+
+
+def _cut_at_stop_string(tokens: Sequence[int], stop_strings: tuple[str, ...],
+                        decode_fn: Callable[[list[int]], str]) -> tuple[Optional[int], str]:
+  """(number of tokens to keep, text) for one response.
+
+  Token-boundary rule: keep tokens[:k] for the smallest k such that decode(tokens[:k])
+  contains a stop string (k found by bisection, assuming decoded prefixes only grow), i.e.
+  through the token that completed the stop string, even when that token's text extends past
+  it: it was sampled, and its log-prob belongs to the rollout. The text is cut right before
+  the stop string (the stop string is excluded, as in vLLM/OpenAI). If several stop strings
+  complete at token k, the one starting first wins. k is None when no stop string occurs.
+  """
+  text = decode_fn(list(tokens))
+  contains = lambda t: any(s in t for s in stop_strings)
+  if not contains(text):
+    return None, text
+  lo, hi = 0, len(tokens)  # contains(decode(tokens[:hi])) holds, at lo it does not
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if contains(decode_fn(list(tokens[:mid]))):
+      hi = mid
+    else:
+      lo = mid
+  prefix = decode_fn(list(tokens[:hi]))
+  start = min(prefix.find(s) for s in stop_strings if s in prefix)
+  return hi, prefix[:start]
+
+
+def _check_mesh(mesh: Mesh, num_prompts: int, state: nnx.State) -> None:
+  # A group's G rows are consecutive; with B divisible by the data x fsdp shards, each shard
+  # holds whole groups (B/shards prompts, their B*G/shards rows), and repeat_rows is local.
+  sharding.check_batch_divisible(num_prompts, mesh, "sample: number of prompts")
+  devices = set(mesh.devices.flat)
+  for leaf in jax.tree.leaves(state):
+    if isinstance(leaf, jax.Array) and not set(leaf.sharding.device_set) <= devices:
+      raise ValueError(
+          "sample: params are not placed on the mesh; shard them with "
+          "mopd_jax.sharding.shard_params(state, mesh)")
+
+
+def _to_device(x: np.ndarray, mesh: Optional[Mesh]) -> Array:
+  return jnp.asarray(x) if mesh is None else jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
+
+
+def sample(
+    model: ModelLike,
+    prompts: Sequence[Sequence[int]],
+    *,
+    num_samples: int,
+    rng: Array,
+    sampling_params: SamplingParams = SamplingParams(),
+    mesh: Optional[Mesh] = None,
+    decode_fn: Optional[Callable[[list[int]], str]] = None,
+) -> SampleResult:
+  """Sample `num_samples` responses for each prompt (token ids, unpadded, any lengths).
+
+  model: a Transformer or its `nnx.split` (graphdef, state); under `mesh`, the state must
+    already be placed with `sharding.shard_params`.
+  rng: a jax PRNG key; the same key gives the same result.
+  mesh: rows go over data x fsdp; the number of prompts must be divisible by that shard count
+    so each prompt's G rows live on one shard.
+  decode_fn: token ids -> text; required for stop strings, and fills `SampleResult.texts`.
+  """
+  params = sampling_params
+  if not (_is_int(num_samples) and num_samples >= 1):
+    raise ValueError(f"sample: num_samples must be an int >= 1, got {num_samples!r}")
+  if params.stop_strings and decode_fn is None:
+    raise ValueError("sample: SamplingParams.stop_strings needs decode_fn (token ids -> text)")
+  if jax.process_count() > 1:
+    raise NotImplementedError("sample: multi-process sampling is not supported yet")
+  graphdef, state, config = _split_model(model)
+  for name, ids in (("stop_token_ids", params.stop_token_ids), ("pad_id", (params.pad_id,))):
+    if any(t >= config.vocab_size for t in ids):
+      raise ValueError(f"SamplingParams.{name}={ids} outside the vocabulary of {config.vocab_size}")
+  tokens, lengths, truncated = _pack_prompts(prompts, params, config.vocab_size)
+  b, lp = tokens.shape
+  if lengths.max() + params.max_new_tokens > config.max_position_embeddings:
+    raise ValueError(
+        f"sample: prompt ({lengths.max()}) + max_new_tokens ({params.max_new_tokens}) exceeds "
+        f"max_position_embeddings={config.max_position_embeddings} of the model")
+  if mesh is not None:
+    _check_mesh(mesh, b, state)
+  gen_len = _bucket(params.max_new_tokens, params.generation_buckets)
+
+  prefilled = _prefill(
+      graphdef, state, _to_device(tokens, mesh), _to_device(lengths, mesh),
+      num_samples=num_samples, generation_len=gen_len, mesh=mesh)
+  decoded, _ = _decode(
+      graphdef, state, prefilled.cache, prefilled.logits, prefilled.positions, rng, jnp.int32(params.max_new_tokens),
+      rule=params.token_rule(), stop_token_ids=params.stop_token_ids, pad_id=params.pad_id,
+      generation_len=gen_len, mesh=mesh)
+  out = jax.device_get(decoded)
+  return _finish(out, params, num_samples, tokens, lengths, truncated, decode_fn)
+
+
+def _finish(out: Decoded, params: SamplingParams, num_samples: int, prompt_tokens: np.ndarray,
+            prompt_lengths: np.ndarray, truncated: np.ndarray,
+            decode_fn: Optional[Callable[[list[int]], str]]) -> SampleResult:
+  n = params.max_new_tokens
+  tokens = np.array(out.tokens[:, :n])
+  logprobs = [np.array(x[:, :n]) for x in (out.logprobs, out.scaled_logprobs, out.model_logprobs)]
+  lengths = np.array(out.lengths, np.int32)
+  reasons = [FinishReason.STOP if s else FinishReason.LENGTH for s in out.stopped]
+  texts = None
+  if decode_fn is not None:
+    texts = []
+    for r in range(tokens.shape[0]):
+      cut, text = None, None
+      if params.stop_strings:
+        cut, text = _cut_at_stop_string(tokens[r, :lengths[r]], params.stop_strings, decode_fn)
+      if cut is not None:
+        lengths[r], reasons[r] = cut, FinishReason.STOP_STRING
+        tokens[r, cut:] = params.pad_id
+        for lp in logprobs:
+          lp[r, cut:] = 0.0
+      texts.append(text if text is not None else decode_fn(tokens[r, :lengths[r]].tolist()))
+  rows = tokens.shape[0]
+  return SampleResult(
+      tokens=tokens, logprobs=logprobs[0], scaled_logprobs=logprobs[1], model_logprobs=logprobs[2],
+      lengths=lengths, response_mask=np.arange(n)[None, :] < lengths[:, None],
+      finish_reasons=tuple(reasons), group_index=np.arange(rows, dtype=np.int32) // num_samples,
+      prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths, prompt_truncated=truncated,
+      num_samples=num_samples, texts=None if texts is None else tuple(texts))

@@ -1,0 +1,320 @@
+"""The pure, jitted update: student forward/backward, teacher forward, optax, teacher update.
+
+`make_train_step` closes over the static parts (graph definitions, optimizer, a frozen
+`StepConfig`) and returns `step(train_state, teacher_state, batch, rng) -> (train_state,
+teacher_state, StepMetrics)`, a pure function of pytrees. `jit_train_step` gives it
+explicit shardings and donates the states.
+
+Teacher modes (MOPD_SPEC.md section 4):
+- `ema`: teacher params <- (1 - rate) * teacher + rate * student, after each applied update.
+- `trust_region`: teacher logits = lerp(initial-model logits, current-student logits, rate),
+  both under the teacher context; TeacherState.params holds the initial model.
+- `frozen`: the initial student; `external`: another model (its own graphdef), never updated.
+The teacher forward runs outside `value_and_grad`: no gradient, no saved activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax import lax
+
+from mopd_jax import losses, sharding
+from mopd_jax.batching import TrainBatch
+from mopd_jax.models import positions_from_segments
+
+Array = jax.Array
+TEACHER_MODES = ("ema", "trust_region", "frozen", "external")
+DISTILL = "distill"
+METHOD_KINDS = (DISTILL, "grpo", "dpo", "simpo", "sft")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array  # [] int32, optimizer steps applied
+  params: Any  # nnx.State of the student's nnx.Param
+  opt_state: Any
+
+
+@flax.struct.dataclass
+class TeacherState:
+  """EMA / external / frozen teacher's params, or the initial model (trust region, and the
+  reference of the GRPO KL and DPO). None when the method needs no second model."""
+
+  params: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static options of the update. Hashable."""
+
+  loss: str = DISTILL  # one of METHOD_KINDS
+  teacher_mode: str = "ema"
+  teacher_rate: float = 0.05  # EMA rate, or the trust-region lerp rate
+  group_size: int = 8
+  distill: losses.DistillConfig = losses.DistillConfig()
+  grpo: losses.GRPOConfig = losses.GRPOConfig()
+  grpo_normalize_std: bool = True
+  grpo_use_kl: bool = False
+  dpo: losses.DPOConfig = losses.DPOConfig()
+  simpo: losses.SimPOConfig = losses.SimPOConfig()
+  max_pairs_per_group: int = 1
+
+  def __post_init__(self):
+    if self.loss not in METHOD_KINDS:
+      raise ValueError(f"StepConfig.loss: unknown {self.loss!r}; known: {METHOD_KINDS}")
+    if self.teacher_mode not in TEACHER_MODES:
+      raise ValueError(f"StepConfig.teacher_mode: unknown {self.teacher_mode!r}; known: {TEACHER_MODES}")
+    if not 0.0 <= self.teacher_rate <= 1.0:
+      raise ValueError(f"StepConfig.teacher_rate must be in [0, 1], got {self.teacher_rate}")
+    if self.group_size < 1:
+      raise ValueError(f"StepConfig.group_size must be >= 1, got {self.group_size}")
+
+  @property
+  def needs_teacher(self) -> bool:
+    """Whether TeacherState.params is used by this configuration."""
+    if self.loss == DISTILL:
+      return True
+    return self.loss == "dpo" or (self.loss == "grpo" and self.grpo_use_kl)
+
+
+@flax.struct.dataclass
+class StepMetrics:
+  loss: Array
+  grad_norm: Array
+  update_applied: Array  # 1.0, or 0.0 when the loss or gradients were not finite
+  teacher_alignment_auc: Array  # mean per-group AUC of teacher scores vs success (NaN: none)
+  alignment_groups: Array  # groups with both outcomes
+  learning_rate: Array
+  method: Any  # DistillMetrics | GRPOMetrics | PreferenceMetrics | SFTMetrics
+
+
+def response_hidden(graphdef, params, tokens: Array, segments: Array, response_len: int) -> tuple[Array, Array]:
+  """Final hidden states at the positions that predict the response, and the unembedding.
+
+  Rows are [prompt | response]; position P - 1 + t predicts response token t.
+  """
+  model = nnx.merge(graphdef, params)
+  out = model(tokens, positions_from_segments(segments), segments, return_logits=False)
+  start = tokens.shape[1] - response_len - 1
+  return out.hidden[:, start:start + response_len], model.unembedding()
+
+
+def group_alignment_auc(scores: Array, success: Array, group_size: int) -> tuple[Array, Array]:
+  """Mean over groups with both outcomes of the AUC of `scores` for `success` (ties 1/2)."""
+  s = scores.reshape(-1, group_size)
+  y = success.reshape(-1, group_size) > 0.5
+  pos_neg = y[:, :, None] & ~y[:, None, :]  # (i success, j failure)
+  wins = jnp.where(s[:, :, None] > s[:, None, :], 1.0, jnp.where(s[:, :, None] == s[:, None, :], 0.5, 0.0))
+  pairs = jnp.sum(pos_neg, axis=(1, 2))
+  auc = jnp.sum(wins * pos_neg, axis=(1, 2)) / jnp.maximum(pairs, 1)
+  has_both = pairs > 0
+  n = jnp.sum(has_both)
+  mean = jnp.where(n > 0, jnp.sum(jnp.where(has_both, auc, 0.0)) / jnp.maximum(n, 1), jnp.nan)
+  return mean, n.astype(jnp.float32)
+
+
+def _teacher_side(cfg: StepConfig, student_graphdef, teacher_graphdef, student_params, teacher: TeacherState,
+                  batch: TrainBatch):
+  """Teacher hidden states / unembedding (pytrees) and the logit function; no gradient."""
+  r = batch.response_tokens.shape[1]
+  tok, seg = batch.teacher_tokens, batch.teacher_segments
+  if cfg.teacher_mode == "trust_region":
+    h0, w0 = response_hidden(student_graphdef, teacher.params, tok, seg, r)
+    h1, w1 = response_hidden(student_graphdef, student_params, tok, seg, r)
+    hidden, unembed = (h0, h1), (w0, w1)
+    logit_fn = losses.trust_region_logit_fn(cfg.teacher_rate)
+  else:
+    graphdef = teacher_graphdef if cfg.teacher_mode == "external" else student_graphdef
+    hidden, unembed = response_hidden(graphdef, teacher.params, tok, seg, r)
+    logit_fn = None
+  return lax.stop_gradient(hidden), lax.stop_gradient(unembed), logit_fn
+
+
+def _reference_logp(cfg: StepConfig, student_graphdef, teacher: TeacherState, batch: TrainBatch) -> Array:
+  r = batch.response_tokens.shape[1]
+  h, w = response_hidden(student_graphdef, teacher.params, batch.student_tokens, batch.student_segments, r)
+  logp, _ = losses.chunked_target_logp(
+      h, w, batch.response_tokens, temperature=cfg.distill.temperature, chunk_size=cfg.distill.chunk_size)
+  return lax.stop_gradient(logp)
+
+
+def _preference_batch(batch: TrainBatch, cfg: StepConfig, ref_seq_logp: Optional[Array]) -> losses.PreferenceBatch:
+  """In-jit version of `losses.build_preference_pairs`: best j-th vs worst j-th per group."""
+  g = cfg.group_size
+  rewards = batch.rewards.reshape(-1, g)
+  order = jnp.argsort(-rewards, axis=1, stable=True)
+  base = (jnp.arange(rewards.shape[0]) * g)[:, None]
+  pairs = min(cfg.max_pairs_per_group, g // 2)
+  hi, lo = order[:, :pairs], order[:, ::-1][:, :pairs]
+  margin = jnp.take_along_axis(rewards, hi, 1) - jnp.take_along_axis(rewards, lo, 1)
+  return losses.PreferenceBatch(
+      response_mask=batch.response_mask, chosen=(base + hi).reshape(-1), rejected=(base + lo).reshape(-1),
+      pair_mask=(margin > 0).astype(jnp.float32).reshape(-1), ref_seq_logp=ref_seq_logp)
+
+
+def make_train_step(
+    student_graphdef,
+    optimizer: optax.GradientTransformation,
+    cfg: StepConfig,
+    teacher_graphdef=None,
+    learning_rate_fn: Optional[Callable[[Array], Array]] = None,
+):
+  """The pure update function for one batch (see module docstring)."""
+  if cfg.teacher_mode == "external" and teacher_graphdef is None:
+    raise ValueError("teacher_mode='external' needs the external teacher's graphdef")
+
+  def step(state: TrainState, teacher: TeacherState, batch: TrainBatch, rng: Array):
+    del rng  # the update is deterministic; kept in the signature for stochastic variants
+    r = batch.response_tokens.shape[1]
+    targets = batch.response_tokens
+    teacher_inputs = None
+    ref_logp = None
+    if cfg.loss == DISTILL:
+      teacher_inputs = _teacher_side(cfg, student_graphdef, teacher_graphdef, state.params, teacher, batch)
+    elif cfg.needs_teacher:
+      ref_logp = _reference_logp(cfg, student_graphdef, teacher, batch)
+
+    def loss_fn(params):
+      hidden, unembed = response_hidden(student_graphdef, params, batch.student_tokens, batch.student_segments, r)
+      if cfg.loss == DISTILL:
+        t_hidden, t_unembed, logit_fn = teacher_inputs
+        d = cfg.distill
+        stats = losses.chunked_token_stats(
+            hidden, t_hidden, unembed, t_unembed, targets,
+            top_k=d.top_k if d.full_logits else None, use_tail=d.use_tail, alpha=d.alpha,
+            temperature=d.temperature, chunk_size=d.chunk_size, full_logits=d.full_logits,
+            teacher_logit_fn=logit_fn)
+        dbatch = losses.DistillBatch(
+            targets=targets, response_mask=batch.response_mask, distill_mask=batch.distill_mask,
+            old_logp=batch.sampler_logprobs, step_ids=batch.step_ids if d.step_level else None)
+        loss, metrics = losses.mopd_loss_from_stats(stats, dbatch, d)
+        teacher_scores = jnp.sum(stats.teacher_logp * batch.response_mask, axis=-1)
+        return loss, (metrics, teacher_scores)
+      logp, _ = losses.chunked_target_logp(
+          hidden, unembed, targets, temperature=cfg.distill.temperature, chunk_size=cfg.distill.chunk_size)
+      if cfg.loss == "grpo":
+        adv = losses.group_advantages(
+            batch.rewards.reshape(-1, cfg.group_size), normalize_std=cfg.grpo_normalize_std).reshape(-1)
+        gb = losses.GRPOBatch(old_logp=batch.sampler_logprobs, advantages=adv,
+                              response_mask=batch.response_mask, ref_logp=ref_logp)
+        loss, metrics = losses.grpo_loss(logp, gb, cfg.grpo)
+      elif cfg.loss in ("dpo", "simpo"):
+        ref_seq = None if ref_logp is None else losses.sequence_logp(ref_logp, batch.response_mask)
+        pb = _preference_batch(batch, cfg, ref_seq)
+        fn = losses.dpo_loss if cfg.loss == "dpo" else losses.simpo_loss
+        loss, metrics = fn(logp, pb, cfg.dpo if cfg.loss == "dpo" else cfg.simpo)
+      else:
+        loss, metrics = losses.sft_loss(logp, losses.SFTBatch(batch.response_mask, batch.success))
+      return loss, (metrics, None)
+
+    (loss, (method_metrics, teacher_scores)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Non-finite guard: compute the update on zeroed grads, then keep the old state.
+    safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+    updates, opt_state = optimizer.update(safe_grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state))
+
+    new_teacher = teacher
+    if cfg.loss == DISTILL and cfg.teacher_mode == "ema":
+      rate = jnp.where(finite, cfg.teacher_rate, 0.0)
+      new_teacher = TeacherState(params=jax.tree.map(
+          lambda t, s: ((1.0 - rate) * t + rate * s).astype(t.dtype), teacher.params, new_state.params))
+
+    if teacher_scores is not None:
+      auc, n_groups = group_alignment_auc(teacher_scores, batch.success, cfg.group_size)
+    else:
+      auc, n_groups = jnp.array(jnp.nan, jnp.float32), jnp.zeros((), jnp.float32)
+    lr = learning_rate_fn(state.step) if learning_rate_fn is not None else jnp.array(jnp.nan, jnp.float32)
+    metrics = StepMetrics(
+        loss=loss, grad_norm=grad_norm, update_applied=finite.astype(jnp.float32),
+        teacher_alignment_auc=auc, alignment_groups=n_groups, learning_rate=jnp.asarray(lr, jnp.float32),
+        method=method_metrics)
+    return new_state, new_teacher, metrics
+
+  return step
+
+
+def make_optimizer(
+    learning_rate: float, *, warmup_steps: int = 0, total_steps: int = 0, schedule: str = "constant",
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0, grad_clip: float = 1.0,
+) -> tuple[optax.GradientTransformation, Callable[[Array], Array]]:
+  """Adam(W) with global-norm clipping and a warmup + constant/cosine schedule."""
+  if schedule == "constant":
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)), optax.constant_schedule(learning_rate)],
+        [max(warmup_steps, 1)]) if warmup_steps else optax.constant_schedule(learning_rate)
+  elif schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, max(warmup_steps, 1), max(total_steps, warmup_steps + 1))
+  else:
+    raise ValueError(f"optim.schedule: unknown {schedule!r}; known: ('constant', 'cosine')")
+  chain = []
+  if grad_clip and grad_clip > 0:
+    chain.append(optax.clip_by_global_norm(grad_clip))
+  chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return optax.chain(*chain), lr
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def init_teacher_state(cfg: StepConfig, student_params, external_params=None) -> TeacherState:
+  if not cfg.needs_teacher:
+    return TeacherState(params=None)
+  if cfg.teacher_mode == "external" and cfg.loss == DISTILL:
+    if external_params is None:
+      raise ValueError("teacher.mode='external' needs the external teacher's params")
+    return TeacherState(params=external_params)
+  # A real copy: the teacher must not alias buffers that the student's update donates.
+  return TeacherState(params=jax.tree.map(jnp.copy, student_params))
+
+
+def jit_train_step(step_fn, mesh, state: TrainState, teacher: TeacherState, rules=sharding.DEFAULT_RULES):
+  """jit with explicit shardings: params/optimizer by logical rules, batch rows over data x fsdp.
+
+  Donates the train and teacher states: the caller must use the returned ones.
+  """
+  state_shardings = state_sharding_tree(state, mesh, rules)
+  teacher_shardings = TeacherState(
+      params=None if teacher.params is None else sharding.param_shardings(teacher.params, mesh, rules))
+  batch_shardings = lambda b: jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), b)
+  repl = sharding.replicated(mesh)
+
+  jitted = jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, teacher_shardings, None, repl),
+      out_shardings=(state_shardings, teacher_shardings, repl),
+      donate_argnums=(0, 1))
+
+  def run(state, teacher, batch: TrainBatch, rng):
+    batch = jax.device_put(batch, batch_shardings(batch))
+    return jitted(state, teacher, batch, rng)
+
+  run.jitted = jitted  # exposed for compilation-count checks
+  run.state_shardings = state_shardings
+  run.teacher_shardings = teacher_shardings
+  return run
+
+
+def state_sharding_tree(state: TrainState, mesh, rules=sharding.DEFAULT_RULES) -> TrainState:
+  """Shardings for a TrainState: params by rules; optimizer subtrees shaped like the params
+  (Adam's moments) follow them; everything else (counts, scalars) is replicated."""
+  param_sh = sharding.param_shardings(state.params, mesh, rules)
+  params_def = jax.tree.structure(state.params)
+  repl = sharding.replicated(mesh)
+  is_params_like = lambda x: jax.tree.structure(x) == params_def
+  opt_sh = jax.tree.map(lambda x: param_sh if is_params_like(x) else repl, state.opt_state, is_leaf=is_params_like)
+  return TrainState(step=repl, params=param_sh, opt_state=opt_sh)

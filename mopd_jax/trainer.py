@@ -1,0 +1,423 @@
+"""The MOPD host loop: data -> sample G -> verify -> peer contexts -> batch -> step -> log.
+
+Reads top to bottom: `train(config)` builds a `Run` (models, tokenizer, mesh, jitted step,
+checkpointer, data) once, optionally restores, then loops `run_one_step`. Everything traced
+lives in `train_step.py` and `sampling.py`; this file only wires and does I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mopd_jax import batching, checkpointing, config_lib, peers, sharding
+from mopd_jax import sampling as sampling_lib
+from mopd_jax.logging_lib import MetricsLogger, flatten_metrics
+from mopd_jax.models import ModelConfig, get_preset, init_model
+from mopd_jax.passk import aggregate_pass_at_k
+from mopd_jax.tasks import load_task
+from mopd_jax.tokenizer import Tokenizer
+from mopd_jax.train_step import (
+    StepConfig, TeacherState, TrainState, init_teacher_state, init_train_state, jit_train_step, make_optimizer,
+    make_train_step)
+from mopd_jax.types import Example, Message, Verdict
+from mopd_jax.verifiers.base import VerifierPool, default_pool
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+# ----------------------------------------------------------------------------- start-up
+
+
+def load_model_and_tokenizer(preset: str, checkpoint: str, tokenizer_path: str, param_dtype: str, dtype: str,
+                             seed: int):
+  """(model, tokenizer). checkpoint: HF dir, .gguf, "smollm2-gguf", or "" for random init."""
+  from mopd_jax import weights
+  from mopd_jax.tokenizer import load_tokenizer
+
+  if checkpoint:
+    path = weights.smollm2_gguf_path() if checkpoint == "smollm2-gguf" else checkpoint
+    model, tokenizer = weights.load_pretrained(path, param_dtype=param_dtype)
+    if model.config.dtype != dtype:
+      # Compute dtype is a config switch; rebuild the graph with it, keep the params.
+      graphdef, state = nnx.split(model)
+      fresh = nnx.eval_shape(lambda: init_model(model.config.replace(dtype=dtype)))
+      nnx.update(fresh, state)
+      model = fresh
+  else:
+    cfg = get_preset(preset).replace(param_dtype=param_dtype, dtype=dtype)
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else weights.load_gguf_tokenizer(
+        weights.smollm2_gguf_path())
+    if cfg.vocab_size < tokenizer.vocab_size:
+      cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
+    model = init_model(cfg, seed=seed)
+  if tokenizer_path and checkpoint:
+    tokenizer = load_tokenizer(tokenizer_path)
+  return model, tokenizer
+
+
+def check_same_tokenizer(student: Tokenizer, teacher: Tokenizer) -> None:
+  probe = "MOPD tokenizer check: 12+34=46, café, \n\n```python\nprint('x')\n```"
+  if (student.vocab_size != teacher.vocab_size or student.encode(probe) != teacher.encode(probe)
+      or student.eos_ids != teacher.eos_ids):
+    raise config_lib.ConfigError(
+        "config.teacher.external_checkpoint: the external teacher's tokenizer differs from the student's "
+        f"(vocab {teacher.vocab_size} vs {student.vocab_size}); MOPD scores the student's tokens with the "
+        "teacher, so both must share one tokenizer")
+
+
+def step_config(config) -> StepConfig:
+  method = config_lib.method_of(config)
+  l = config.loss
+  import mopd_jax.losses as L
+  return StepConfig(
+      loss=method.loss, teacher_mode=config.teacher.mode, teacher_rate=config.teacher.rate,
+      group_size=config.sampling.group_size, distill=config_lib.distill_config(config),
+      grpo=L.GRPOConfig(clip_eps=l.grpo_clip, kl_coef=l.grpo_kl_coef, loss_agg=l.loss_agg),
+      grpo_normalize_std=l.grpo_normalize_std, grpo_use_kl=l.grpo_use_kl,
+      dpo=L.DPOConfig(beta=l.dpo_beta), simpo=L.SimPOConfig(beta=l.simpo_beta, gamma=l.simpo_gamma))
+
+
+def load_examples(config) -> tuple[list[Example], list[Example]]:
+  """(train, held-out eval). Procedural tasks use another seed for eval; files hold out a tail."""
+  d = config.data
+  options = dict(d.options)
+  if d.path:
+    options.setdefault("path", d.path)
+  if d.task in ("reasoning_gym",) or "seed" in options or d.task in ("basic_arithmetic", "chain_sum", "countdown"):
+    seed = options.pop("seed", config.seed)
+    train = list(load_task(d.task, size=d.train_size, seed=seed, **options))
+    held_out = list(load_task(d.task, size=d.eval_size, seed=seed + d.eval_seed_offset, **options))
+    train_questions = {e.prompt for e in train}
+    held_out = [e for e in held_out if e.prompt not in train_questions]  # no leakage
+    return train, held_out
+  examples = list(load_task(d.task, **options))
+  if len(examples) <= d.eval_size:
+    raise config_lib.ConfigError(
+        f"config.data.eval_size: {d.eval_size} held-out examples requested but the task has {len(examples)}")
+  return examples[:-d.eval_size][:d.train_size], examples[-d.eval_size:]
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+  """One step's sampled groups, verified. Row r belongs to prompt r // G."""
+
+  examples: Sequence[Example]
+  prompt_tokens: Sequence[Sequence[int]]
+  response_tokens: Sequence[Sequence[int]]
+  response_logprobs: Sequence[Sequence[float]]
+  texts: Sequence[str]
+  verdicts: Sequence[Verdict]
+  finish_reasons: Sequence[str]
+  group_size: int
+
+
+def chat_prompt_tokens(tokenizer: Tokenizer, messages: Sequence[Message], enable_thinking: bool) -> list[int]:
+  return tokenizer.apply_chat_template(
+      [m.as_dict() for m in messages], add_generation_prompt=True, enable_thinking=enable_thinking)
+
+
+def sample_and_verify(run: "Run", examples: Sequence[Example], rng, *, group_size: int, temperature: float,
+                      max_new_tokens: int) -> Rollouts:
+  cfg = run.config
+  prompts = [chat_prompt_tokens(run.tokenizer, e.prompt, cfg.sampling.enable_thinking) for e in examples]
+  params = sampling_lib.SamplingParams(
+      temperature=temperature, top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k or None,
+      max_new_tokens=max_new_tokens, stop_token_ids=tuple(run.tokenizer.eos_ids), pad_id=run.tokenizer.pad_id,
+      stop_strings=tuple(cfg.sampling.stop_strings), prompt_buckets=tuple(cfg.data.prompt_buckets),
+      generation_buckets=tuple(cfg.data.response_buckets))
+  result = sampling_lib.sample(
+      (run.sampler_graphdef, run.sampler_params()), prompts, num_samples=group_size, rng=rng,
+      sampling_params=params, mesh=run.sample_mesh,
+      decode_fn=lambda ids: run.tokenizer.decode(ids, skip_special_tokens=True))
+  responses, logprobs, texts = [], [], []
+  for r in range(result.num_rows):
+    n = int(result.lengths[r])
+    responses.append(result.tokens[r, :n].tolist())
+    # Old-policy log-probs at the sampling temperature (the trainer's distribution).
+    logprobs.append(result.scaled_logprobs[r, :n].tolist())
+    texts.append(result.texts[r])
+  expanded = [examples[r // group_size] for r in range(len(responses))]
+  verdicts = run.verifier_pool.verify(expanded, texts, deadline_s=cfg.verifier.deadline_s)
+  return Rollouts(
+      examples=examples, prompt_tokens=prompts, response_tokens=responses, response_logprobs=logprobs,
+      texts=texts, verdicts=verdicts, finish_reasons=[f.value for f in result.finish_reasons],
+      group_size=group_size)
+
+
+def teacher_rows(run: "Run", rollouts: Rollouts, step: int, group_offset: int):
+  """Teacher contexts for every rollout, tokenised: (contexts, teacher prompt tokens)."""
+  g = rollouts.group_size
+  groups = [
+      peers.Group(prompt=tuple(e.prompt), responses=tuple(rollouts.texts[i * g:(i + 1) * g]),
+                  verdicts=tuple(rollouts.verdicts[i * g:(i + 1) * g]))
+      for i, e in enumerate(rollouts.examples)]
+  count = lambda text: len(run.tokenizer.encode(text))
+  contexts = peers.build_teacher_contexts(
+      groups, run.peer_config, step=step, group_indices=[group_offset + i for i in range(len(groups))],
+      count_tokens=count)
+  prompts = [
+      chat_prompt_tokens(run.tokenizer, ctx.messages, run.config.sampling.enable_thinking)
+      for row in contexts for ctx in row]
+  return contexts, prompts
+
+
+def build_batch(run: "Run", rollouts: Rollouts, teacher_prompts, contexts) -> batching.TrainBatch:
+  g = rollouts.group_size
+  flat_ctx = [c for row in contexts for c in row]
+  rows = batching.RolloutRows(
+      student_prompts=[rollouts.prompt_tokens[r // g] for r in range(len(rollouts.response_tokens))],
+      teacher_prompts=teacher_prompts,
+      responses=rollouts.response_tokens,
+      sampler_logprobs=rollouts.response_logprobs,
+      distill_mask=[c.distill_mask for c in flat_ctx],
+      rewards=[v.reward for v in rollouts.verdicts],
+      success=[v.success for v in rollouts.verdicts],
+      group_ids=[r // g for r in range(len(rollouts.response_tokens))],
+      step_ids=[batching.step_ids_from_text_offsets([run.tokenizer.decode([t]) for t in resp])
+                for resp in rollouts.response_tokens] if run.config.loss.step_level else None)
+  d = run.config.data
+  return batching.build_train_batch(
+      rows, pad_id=run.tokenizer.pad_id, prompt_buckets=d.prompt_buckets, response_buckets=d.response_buckets,
+      teacher_prompt_buckets=d.teacher_prompt_buckets)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+  mean_at_k: float  # mean success over the k samples of every held-out prompt
+  pass_at_k: float
+  k: int
+  num_prompts: int
+  per_item_success: Sequence[Sequence[bool]]
+
+
+def evaluate(run: "Run", examples: Sequence[Example], rng) -> EvalResult:
+  c = run.config.eval
+  k = c.num_samples
+  successes: list[list[bool]] = []
+  chunk = max(1, c.batch_prompts)
+  for start in range(0, len(examples), chunk):
+    part = examples[start:start + chunk]
+    rollouts = sample_and_verify(
+        run, part, jax.random.fold_in(rng, start), group_size=k, temperature=c.temperature,
+        max_new_tokens=c.max_new_tokens)
+    for i in range(len(part)):
+      successes.append([v.success for v in rollouts.verdicts[i * k:(i + 1) * k]])
+  (stats,) = aggregate_pass_at_k(successes, ks=(k,))
+  return EvalResult(mean_at_k=float(np.mean(successes)), pass_at_k=stats.pass_at_k, k=k,
+                    num_prompts=len(examples), per_item_success=successes)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Run:
+  config: Any
+  tokenizer: Tokenizer
+  mesh: Any
+  sample_mesh: Any
+  student_graphdef: Any
+  sampler_graphdef: Any
+  step_fn: Any
+  state: TrainState
+  teacher: TeacherState
+  peer_config: peers.PeerConfig
+  verifier_pool: VerifierPool
+  train_examples: list
+  eval_examples: list
+  logger: MetricsLogger
+  checkpointer: Optional[checkpointing.RunCheckpointer]
+  position: checkpointing.RunPosition
+  rng: Any
+
+  def sampler_params(self):
+    return self.state.params
+
+  def checkpoint_arrays(self):
+    return {"state": self.state, "teacher": self.teacher, "rng": jax.random.key_data(self.rng)}
+
+
+def setup(config) -> Run:
+  if config.distributed.enabled:
+    jax.distributed.initialize(
+        coordinator_address=config.distributed.coordinator_address,
+        num_processes=config.distributed.num_processes, process_id=config.distributed.process_id)
+  config_lib.validate(config, num_devices=jax.device_count())
+  mesh = sharding.make_mesh(sharding.MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+  m = config.model
+  model, tokenizer = load_model_and_tokenizer(m.preset, m.checkpoint, m.tokenizer, m.param_dtype, m.dtype, config.seed)
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = sharding.shard_params(params, mesh)
+  step_cfg = step_config(config)
+  teacher_graphdef, external_params = None, None
+  if config.teacher.mode == "external":
+    t_model, t_tok = load_model_and_tokenizer(
+        config.teacher.external_preset, config.teacher.external_checkpoint, "", m.param_dtype, m.dtype, config.seed)
+    check_same_tokenizer(tokenizer, t_tok)
+    teacher_graphdef, external_params = nnx.split(t_model, nnx.Param)
+    external_params = sharding.shard_params(external_params, mesh)
+  optimizer, lr_fn = make_optimizer(
+      config.optim.lr, warmup_steps=config.optim.warmup_steps, total_steps=config.train.steps,
+      schedule=config.optim.schedule, b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
+      weight_decay=config.optim.weight_decay, grad_clip=config.optim.grad_clip)
+  state = init_train_state(params, optimizer)
+  teacher = init_teacher_state(step_cfg, params, external_params)
+  step_fn = jit_train_step(
+      make_train_step(graphdef, optimizer, step_cfg, teacher_graphdef=teacher_graphdef, learning_rate_fn=lr_fn),
+      mesh, state, teacher)
+  state = jax.device_put(state, step_fn.state_shardings)
+  teacher = jax.device_put(teacher, step_fn.teacher_shardings)
+  train_examples, eval_examples = load_examples(config)
+  log_dir = config.logging.dir or os.path.join("runs", f"{config.method}-{int(time.time())}")
+  logger = MetricsLogger(log_dir, enabled=jax.process_index() == 0, progress=config.logging.progress,
+                         total_steps=config.train.steps)
+  checkpointer = None
+  if config.checkpoint.dir:
+    checkpointer = checkpointing.RunCheckpointer(
+        config.checkpoint.dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  run = Run(
+      config=config, tokenizer=tokenizer, mesh=mesh, sample_mesh=mesh if jax.process_count() == 1 else None,
+      student_graphdef=graphdef, sampler_graphdef=graphdef, step_fn=step_fn, state=state, teacher=teacher,
+      peer_config=config_lib.peer_config(config), verifier_pool=default_pool(config.verifier.num_workers),
+      train_examples=train_examples, eval_examples=eval_examples, logger=logger, checkpointer=checkpointer,
+      position=checkpointing.RunPosition(step=0, data_position=0), rng=jax.random.key(config.seed))
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    restore(run)
+  return run
+
+
+def restore(run: Run) -> None:
+  shardings = {"state": run.step_fn.state_shardings, "teacher": run.step_fn.teacher_shardings,
+               "rng": sharding.replicated(run.mesh)}
+  arrays, position = run.checkpointer.restore(run.checkpoint_arrays(), shardings=shardings)
+  run.state, run.teacher = arrays["state"], arrays["teacher"]
+  run.rng = jax.random.wrap_key_data(arrays["rng"])
+  run.position = position
+  run.logger.info(f"resumed from step {position.step} ({run.checkpointer.directory})")
+
+
+def next_prompts(run: Run) -> tuple[list[Example], int]:
+  """This process's prompts for the step, and the global index of its first group."""
+  per_process = run.config.data.prompts_per_step
+  global_start = run.position.data_position + jax.process_index() * per_process
+  n = len(run.train_examples)
+  return [run.train_examples[(global_start + i) % n] for i in range(per_process)], global_start
+
+
+def run_one_step(run: Run) -> dict[str, float]:
+  cfg = run.config
+  step = run.position.step
+  step_rng = jax.random.fold_in(run.rng, step)
+  times = {}
+  t0 = time.perf_counter()
+  examples, group_offset = next_prompts(run)
+  rollouts = sample_and_verify(
+      run, examples, jax.random.fold_in(step_rng, 1 + group_offset), group_size=cfg.sampling.group_size,
+      temperature=cfg.sampling.temperature, max_new_tokens=cfg.sampling.max_new_tokens)
+  times["time/sample_and_verify_s"] = time.perf_counter() - t0
+  t1 = time.perf_counter()
+  contexts, teacher_prompts = teacher_rows(run, rollouts, step, group_offset)
+  batch = build_batch(run, rollouts, teacher_prompts, contexts)
+  batch = global_batch(run, batch)
+  times["time/host_other_s"] = time.perf_counter() - t1
+  t2 = time.perf_counter()
+  run.state, run.teacher, metrics = run.step_fn(run.state, run.teacher, batch, jax.random.fold_in(step_rng, 0))
+  metrics = jax.device_get(metrics)
+  times["time/train_step_s"] = time.perf_counter() - t2
+  applied = bool(metrics.update_applied)
+  nonfinite = 0 if applied else run.position.nonfinite_in_a_row + 1
+  run.position = checkpointing.RunPosition(
+      step=step + 1, data_position=run.position.data_position + cfg.data.prompts_per_step * jax.process_count(),
+      nonfinite_in_a_row=nonfinite)
+  record = rollout_metrics(rollouts, contexts)
+  record.update(flatten_metrics(metrics))
+  record.update(times)
+  total = sum(times.values())
+  record["time/step_s"] = total
+  record["throughput/sampled_tokens_per_s"] = sum(map(len, rollouts.response_tokens)) / max(total, 1e-9)
+  if not applied:
+    run.logger.info(f"step {step}: non-finite loss or gradients; update skipped ({nonfinite} in a row)")
+    if nonfinite >= cfg.train.max_nonfinite_in_a_row:
+      raise TrainingError(
+          f"{nonfinite} non-finite updates in a row (train.max_nonfinite_in_a_row="
+          f"{cfg.train.max_nonfinite_in_a_row}); stopping. Checkpoints are untouched; the last good one is "
+          f"step {run.checkpointer.latest_step() if run.checkpointer else None}")
+  if cfg.logging.rollout_sample_every and step % cfg.logging.rollout_sample_every == 0:
+    run.logger.write_rollouts(step, rollouts, contexts, cfg.logging.rollout_samples)
+  return record
+
+
+def global_batch(run: Run, batch: batching.TrainBatch) -> batching.TrainBatch:
+  """This process's rows -> global arrays sharded over data x fsdp."""
+  if jax.process_count() == 1:
+    return batch
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding.batch_sharding(run.mesh, np.ndim(x)), np.asarray(x)),
+      batch)
+
+
+def rollout_metrics(rollouts: Rollouts, contexts) -> dict[str, float]:
+  g = rollouts.group_size
+  success = np.array([v.success for v in rollouts.verdicts], bool).reshape(-1, g)
+  rewards = np.array([v.reward for v in rollouts.verdicts], float)
+  out = {
+      "rollout/reward_mean": float(rewards.mean()),
+      "rollout/success_rate": float(success.mean()),
+      "rollout/mixed_group_frac": float(np.mean(success.any(1) & ~success.all(1))),
+      "rollout/response_len_mean": float(np.mean([len(r) for r in rollouts.response_tokens])),
+      "rollout/length_finish_frac": float(np.mean([f == "length" for f in rollouts.finish_reasons])),
+  }
+  out.update(peers.context_stats(contexts))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+  steps: int
+  before: Optional[EvalResult]
+  after: Optional[EvalResult]
+  log_dir: str
+
+
+def train(config) -> RunSummary:
+  run = setup(config)
+  cfg = run.config
+  before = after = None
+  try:
+    if cfg.eval.at_start and run.position.step == 0 and run.eval_examples:
+      before = evaluate(run, run.eval_examples, jax.random.key(cfg.seed + 1))
+      run.logger.log_eval(0, before, "before")
+    while run.position.step < cfg.train.steps:
+      record = run_one_step(run)
+      step = run.position.step
+      run.logger.log(step, record)
+      if run.checkpointer and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
+        run.checkpointer.save(step, run.checkpoint_arrays(), run.position)
+      if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+        run.logger.log_eval(step, evaluate(run, run.eval_examples, jax.random.key(cfg.seed + 1)), "periodic")
+    if cfg.eval.at_end and run.eval_examples:
+      after = evaluate(run, run.eval_examples, jax.random.key(cfg.seed + 1))
+      run.logger.log_eval(run.position.step, after, "after")
+  finally:
+    if run.checkpointer:
+      run.checkpointer.close()
+    run.verifier_pool.close()
+    run.logger.close()
+  return RunSummary(steps=run.position.step, before=before, after=after, log_dir=run.logger.directory)
