@@ -22,6 +22,7 @@ import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
+import sys
 import threading
 import time
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -82,12 +83,19 @@ def register_verifier(verifier: Verifier, *, name: str | None = None,
   return verifier
 
 
+# Built-in modules that define a verifier class without registering an instance.
+_BUILTIN_VERIFIER_CLASSES: dict[str, str] = {"code": "CodeVerifier"}
+
+
 def get_verifier(name: str) -> Verifier:
   """The verifier registered as `name`, importing a built-in one on first use."""
   verifier = _REGISTRY.get(name)
   if verifier is None and name in BUILTIN_VERIFIER_MODULES:
-    importlib.import_module(BUILTIN_VERIFIER_MODULES[name])
+    module = importlib.import_module(BUILTIN_VERIFIER_MODULES[name])
     verifier = _REGISTRY.get(name)
+    cls = getattr(module, _BUILTIN_VERIFIER_CLASSES.get(name, ""), None)
+    if verifier is None and cls is not None:
+      verifier = register_verifier(cls(), name=name)
   if verifier is None:
     known = sorted(set(_REGISTRY) | set(BUILTIN_VERIFIER_MODULES))
     raise KeyError(f"unknown verifier {name!r}; known verifiers: {known}. "
@@ -133,41 +141,57 @@ def verify_one(example: Example, completion: str) -> Verdict:
 
 
 def mp_context() -> multiprocessing.context.BaseContext:
-  """The 'forkserver' context with `FORKSERVER_PRELOAD` (effective if not yet started)."""
+  """The 'forkserver' context, preloading `FORKSERVER_PRELOAD` (if not started yet).
+
+  The main module is preloaded too (as multiprocessing does by default): otherwise every
+  new worker would re-import it (e.g. a trainer script importing JAX) before its first item.
+  """
   ctx = multiprocessing.get_context("forkserver")
-  ctx.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+  preload = ["__main__"]
+  main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if main_spec is not None and main_spec.name:  # Run with `python -m`: preload by name.
+    preload.append(main_spec.name)
+  ctx.set_forkserver_preload(preload + list(FORKSERVER_PRELOAD))
   return ctx
 
 
 def _worker_main(conn: multiprocessing.connection.Connection) -> None:
-  """Worker loop: receive (index, example, completion, module), reply (index, verdict)."""
+  """Worker loop. Messages in: ("import", module) | ("verify", index, example, completion)
+  | None (exit). Messages out: ("ready",) | ("imported", module, error) | ("verdict", ...)."""
+  conn.send(("ready",))
   while True:
     try:
-      job = conn.recv()
+      message = conn.recv()
     except (EOFError, OSError):
       return
-    if job is None:
+    if message is None:
       return
-    index, example, completion, module = job
-    if module and example.verifier not in _REGISTRY:
+    if message[0] == "import":
       try:
-        importlib.import_module(module)
-      except Exception as e:  # Reported by verify_one as an unknown verifier below.
-        del e
+        importlib.import_module(message[1])
+        conn.send(("imported", message[1], ""))
+      except Exception as e:  # The item then fails in verify_one as an unknown verifier.
+        conn.send(("imported", message[1], f"{type(e).__name__}: {e}"))
+      continue
+    _, index, example, completion = message
     verdict = verify_one(example, completion)
     try:
-      conn.send((index, verdict))
+      conn.send(("verdict", index, verdict))
     except Exception as e:  # e.g. unpicklable details: keep the judgement, drop the details.
-      conn.send((index, Verdict(verdict.reward, verdict.success, verdict.feedback,
-                                {"details_dropped": f"{type(e).__name__}: {e}"})))
+      conn.send(("verdict", index, Verdict(verdict.reward, verdict.success, verdict.feedback,
+                                           {"details_dropped": f"{type(e).__name__}: {e}"})))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Worker:
+  """Parent-side handle. phase: "boot" -> "idle" <-> ("import" ->) "verify" -> "idle"."""
+
   process: Any
   conn: multiprocessing.connection.Connection
-  job: int | None = None  # index of the item being verified
-  started: float = 0.0  # when that item was sent
+  phase: str = "boot"
+  job: int | None = None  # index of the item reserved for / being verified by this worker
+  since: float = dataclasses.field(default_factory=time.monotonic)  # when phase began
+  imported: set[str] = dataclasses.field(default_factory=set)
 
 
 def _kill(worker: _Worker) -> None:
@@ -185,8 +209,15 @@ class VerifierPool:
 
   Unlike `concurrent.futures.ProcessPoolExecutor`, a worker stuck past its item's deadline
   is killed and replaced alone; the other workers and items carry on. Workers start lazily
-  and are reused across calls. Thread-safe: concurrent `verify` calls take turns.
+  and are reused across calls; a worker imports a verifier's module (untimed) before its
+  first item for that verifier, so the deadline covers the verification only. Thread-safe:
+  concurrent `verify` calls take turns.
   """
+
+  # Starting a worker or importing a verifier module may take this long (a busy machine).
+  setup_timeout_s: float = 120.0
+  # Give up after this many failed worker starts in a row, or preparations for one item.
+  max_setup_failures: int = 3
 
   def __init__(self, num_workers: int | None = None):
     self.num_workers = max(1, num_workers or _default_num_workers())
@@ -203,6 +234,10 @@ class VerifierPool:
     child_conn.close()
     return _Worker(process=process, conn=parent_conn)
 
+  def _replace(self, worker: _Worker) -> None:
+    _kill(worker)
+    self._workers[self._workers.index(worker)] = self._start_worker()
+
   def verify(self, examples: Sequence[Example], completions: Sequence[str], *,
              deadline_s: float = DEFAULT_DEADLINE_S) -> list[Verdict]:
     """One verdict per (example, completion), in input order. Never raises for an item."""
@@ -211,73 +246,15 @@ class VerifierPool:
     with self._lock:
       if self._closed:
         raise RuntimeError("VerifierPool is closed")
-      return self._run(list(examples), list(completions), float(deadline_s))
-
-  def _run(self, examples: list[Example], completions: list[str],
-           deadline_s: float) -> list[Verdict]:
-    results: list[Verdict | None] = [None] * len(examples)
-    pending = collections.deque()
-    for i, example in enumerate(examples):
       try:
-        get_verifier(example.verifier)  # Fail unknown names here, without a worker.
-        pending.append(i)
-      except Exception as e:
-        results[i] = failure_verdict(str(e.args[0] if e.args else e), error=type(e).__name__)
-    while len(self._workers) < min(self.num_workers, len(pending)):
-      self._workers.append(self._start_worker())
-
-    def finish(worker: _Worker, verdict: Verdict) -> None:
-      results[worker.job] = verdict
-      worker.job = None
-
-    def replace(worker: _Worker) -> None:
-      _kill(worker)
-      self._workers[self._workers.index(worker)] = self._start_worker()
-
-    while pending or any(w.job is not None for w in self._workers):
-      for worker in self._workers:
-        if worker.job is None and pending:
-          i = pending.popleft()
-          job = (i, examples[i], completions[i], _verifier_module(examples[i].verifier))
-          try:
-            worker.conn.send(job)
-          except (OSError, EOFError):  # Worker died while idle: replace it, retry the item.
-            pending.appendleft(i)
-            replace(worker)
-            continue
-          except Exception as e:  # Unpicklable example: nothing was written to the pipe.
-            results[i] = failure_verdict(f"cannot send item to a worker: "
-                                         f"{type(e).__name__}: {e}", error=type(e).__name__)
-            continue
-          worker.job, worker.started = i, time.monotonic()
-      busy = [w for w in self._workers if w.job is not None]
-      if not busy:
-        continue
-      now = time.monotonic()
-      wait_s = max(0.0, min(w.started + deadline_s for w in busy) - now)
-      ready = multiprocessing.connection.wait(
-          [w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=wait_s)
-      for worker in busy:
-        if worker.conn in ready or worker.process.sentinel in ready:
-          try:
-            index, verdict = worker.conn.recv()
-            if index != worker.job:  # Cannot happen with one job in flight; be safe.
-              raise EOFError(f"worker answered item {index}, expected {worker.job}")
-            finish(worker, verdict)
-          except (EOFError, OSError) as e:
-            worker.process.join(timeout=1.0)
-            finish(worker, failure_verdict(
-                f"verifier worker died (exit code {worker.process.exitcode}) while verifying "
-                f"with {examples[worker.job].verifier!r}", error="WorkerDied", cause=str(e)))
-            replace(worker)
-      now = time.monotonic()
-      for worker in busy:
-        if worker.job is not None and now - worker.started >= deadline_s:
-          finish(worker, failure_verdict(
-              f"timeout: verification with {examples[worker.job].verifier!r} exceeded the "
-              f"{deadline_s:g} s deadline", error="Timeout"))
-          replace(worker)
-    return [r for r in results]  # type: ignore[misc]
+        return _Batch(self, list(examples), list(completions), float(deadline_s)).run()
+      except BaseException:
+        # Interrupted (e.g. KeyboardInterrupt): busy workers still hold this batch's
+        # items; replace them so no stale verdict reaches a later batch.
+        for worker in list(self._workers):
+          if worker.phase != "idle" or worker.job is not None:
+            self._replace(worker)
+        raise
 
   def close(self) -> None:
     with self._lock:
@@ -297,6 +274,140 @@ class VerifierPool:
 
   def __exit__(self, *exc: Any) -> None:
     self.close()
+
+
+class _Batch:
+  """The scheduling loop of one `VerifierPool.verify` call."""
+
+  def __init__(self, pool: VerifierPool, examples: list[Example], completions: list[str],
+               deadline_s: float):
+    self.pool, self.examples, self.completions = pool, examples, completions
+    self.deadline_s = deadline_s
+    self.results: list[Verdict | None] = [None] * len(examples)
+    self.pending: collections.deque[int] = collections.deque()
+    self.boot_failures = 0  # consecutive failed worker starts
+    self.item_failures: dict[int, int] = {}  # failed preparations per item
+    for i, example in enumerate(examples):
+      try:
+        get_verifier(example.verifier)  # Unknown names fail here, without a worker.
+        self.pending.append(i)
+      except Exception as e:
+        self.results[i] = failure_verdict(str(e.args[0] if e.args else e),
+                                          error=type(e).__name__)
+
+  def run(self) -> list[Verdict]:
+    workers = self.pool._workers
+    while len(workers) < min(self.pool.num_workers, len(self.pending)):
+      workers.append(self.pool._start_worker())
+    while self.pending or any(w.job is not None for w in workers):
+      for worker in list(workers):
+        if worker.phase == "idle" and self.pending:
+          self._assign(worker, self.pending.popleft())
+      waiting = [w for w in workers if w.phase != "idle"]
+      if not waiting:
+        continue
+      timeout = max(0.0, min(self._limit(w) for w in waiting) - time.monotonic())
+      ready = multiprocessing.connection.wait(
+          [w.conn for w in waiting] + [w.process.sentinel for w in waiting], timeout=timeout)
+      for worker in waiting:
+        if worker.conn in ready or worker.process.sentinel in ready:
+          self._receive(worker)
+      now = time.monotonic()
+      for worker in list(workers):
+        if worker.phase != "idle" and now >= self._limit(worker):
+          self._expire(worker)
+    return list(self.results)  # type: ignore[arg-type]
+
+  def _limit(self, worker: _Worker) -> float:
+    budget = self.deadline_s if worker.phase == "verify" else self.pool.setup_timeout_s
+    return worker.since + budget
+
+  def _set_phase(self, worker: _Worker, phase: str) -> None:
+    worker.phase, worker.since = phase, time.monotonic()
+
+  def _assign(self, worker: _Worker, i: int) -> None:
+    module = _verifier_module(self.examples[i].verifier)
+    worker.job = i
+    try:
+      if module and module not in worker.imported:
+        worker.conn.send(("import", module))
+        self._set_phase(worker, "import")
+      else:
+        worker.conn.send(("verify", i, self.examples[i], self.completions[i]))
+        self._set_phase(worker, "verify")
+    except (OSError, EOFError):  # Died while idle: requeue the item, start another worker.
+      self._setup_failed(worker)
+    except Exception as e:  # Unpicklable item: nothing reached the pipe, the worker is fine.
+      self._finish(worker, failure_verdict(
+          f"cannot send item to a verifier worker: {type(e).__name__}: {e}",
+          error=type(e).__name__))
+
+  def _receive(self, worker: _Worker) -> None:
+    try:
+      message = worker.conn.recv()
+    except (EOFError, OSError):
+      worker.process.join(timeout=1.0)
+      if worker.phase == "verify":
+        self._finish(worker, failure_verdict(
+            f"verifier worker died (exit code {worker.process.exitcode}) while verifying with "
+            f"{self.examples[worker.job].verifier!r}", error="WorkerDied"))
+        self.pool._replace(worker)
+      else:
+        self._setup_failed(worker)
+      return
+    except Exception as e:  # A whole message arrived but does not unpickle here.
+      if worker.phase == "verify":
+        self._finish(worker, failure_verdict(
+            f"could not read the verdict of {self.examples[worker.job].verifier!r}: "
+            f"{type(e).__name__}: {e}", error=type(e).__name__))
+      return
+    kind = message[0]
+    if kind == "ready":
+      self.boot_failures = 0
+      self._set_phase(worker, "idle")
+    elif kind == "imported":
+      worker.imported.add(message[1])
+      i = worker.job
+      self._set_phase(worker, "idle")
+      if i is not None:
+        self._assign(worker, i)
+    elif kind == "verdict" and message[1] == worker.job:
+      self._finish(worker, message[2])
+
+  def _finish(self, worker: _Worker, verdict: Verdict) -> None:
+    self.results[worker.job] = verdict
+    worker.job = None
+    self._set_phase(worker, "idle")
+
+  def _expire(self, worker: _Worker) -> None:
+    if worker.phase == "verify":
+      self._finish(worker, failure_verdict(
+          f"timeout: verification with {self.examples[worker.job].verifier!r} exceeded the "
+          f"{self.deadline_s:g} s deadline", error="Timeout"))
+      self.pool._replace(worker)
+    else:
+      self._setup_failed(worker)
+
+  def _setup_failed(self, worker: _Worker) -> None:
+    """A worker died or hung while starting or importing: retry its item, a few times."""
+    i, worker.job = worker.job, None
+    if worker.phase == "boot":
+      self.boot_failures += 1
+    if i is not None:
+      self.item_failures[i] = self.item_failures.get(i, 0) + 1
+      if self.item_failures[i] >= self.pool.max_setup_failures:
+        self.results[i] = failure_verdict(
+            f"could not prepare a verifier worker for {self.examples[i].verifier!r} "
+            f"({self.item_failures[i]} failed attempts)", error="WorkerSetup")
+      else:
+        self.pending.appendleft(i)
+    if self.boot_failures >= self.pool.max_setup_failures:  # Workers cannot start at all.
+      while self.pending:
+        j = self.pending.popleft()
+        self.results[j] = failure_verdict("could not start a verifier worker "
+                                          f"({self.boot_failures} failed attempts)",
+                                          error="WorkerSetup")
+    self.pool._replace(worker)
 
 
 def _default_num_workers() -> int:

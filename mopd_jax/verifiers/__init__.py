@@ -1,0 +1,1 @@
+"""Host verifiers: one protocol (`verify(example, completion) -> Verdict`), a registry, a process pool."""
