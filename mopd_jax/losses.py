@@ -754,7 +754,9 @@ def dpo_loss(logp: Array, batch: PreferenceBatch, config: DPOConfig = DPOConfig(
 
 
 @_register(BASELINE_LOSSES, "simpo")
-def simpo_loss(logp: Array, batch: PreferenceBatch, config: SimPOConfig = SimPOConfig()) -> tuple[Array, PreferenceMetrics]:
+def simpo_loss(
+    logp: Array, batch: PreferenceBatch, config: SimPOConfig = SimPOConfig(),
+) -> tuple[Array, PreferenceMetrics]:
   """-log sigmoid(beta (mean logp_c - mean logp_r) - gamma): length-normalised, no reference."""
   mask = batch.response_mask.astype(logp.dtype)
   avg = sequence_logp(logp, mask) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
