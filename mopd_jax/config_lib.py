@@ -18,6 +18,10 @@ from mopd_jax import losses, peers
 from mopd_jax.train_step import METHOD_KINDS, TEACHER_MODES
 
 
+class ConfigError(ValueError):
+  pass
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A named training method: which loss runs and which peer preset builds contexts."""
@@ -87,14 +91,14 @@ def base_config() -> ml_collections.ConfigDict:
 
 def apply_method(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
   if name not in METHODS:
-    raise ValueError(f"config.method: unknown method {name!r}; known: {sorted(METHODS)}")
+    raise ConfigError(f"config.method: unknown method {name!r}; known: {sorted(METHODS)}")
   config.method = name
   return config
 
 
 def method_of(config) -> Method:
   if config.method not in METHODS:
-    raise ValueError(f"config.method: unknown method {config.method!r}; known: {sorted(METHODS)}")
+    raise ConfigError(f"config.method: unknown method {config.method!r}; known: {sorted(METHODS)}")
   return METHODS[config.method]
 
 
@@ -110,10 +114,6 @@ def distill_config(config) -> losses.DistillConfig:
       alpha=l.alpha, top_k=l.top_k or None, use_tail=l.use_tail, full_logits=l.full_logits,
       temperature=config.sampling.temperature, is_clip=l.is_clip or None, mismatch=l.mismatch or None,
       step_level=l.step_level, loss_agg=l.loss_agg, chunk_size=l.chunk_size)
-
-
-class ConfigError(ValueError):
-  pass
 
 
 def _check(ok: bool, field: str, message: str) -> None:

@@ -113,8 +113,14 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.St
     return NamedSharding(mesh, mesh_spec)
 
   is_leaf = lambda x: isinstance(x, nnx.Variable)
+  # Same structure as `state` (Variables wrapping shardings), so the result zips with the
+  # state in tree maps as well as serving as jit/device_put shardings.
   return jax.tree_util.tree_map_with_path(
-      lambda path, s, v: leaf_sharding(path, s, v), logical, state, is_leaf=is_leaf)
+      lambda path, s, v: _rewrap(v, leaf_sharding(path, s, v)), logical, state, is_leaf=is_leaf)
+
+
+def _rewrap(leaf, value):
+  return leaf.replace(value) if isinstance(leaf, nnx.Variable) else value
 
 
 def shard_params(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:

@@ -408,7 +408,9 @@ def train(config) -> RunSummary:
       record = run_one_step(run)
       step = run.position.step
       run.logger.log(step, record)
-      if run.checkpointer and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
+      due = step % cfg.checkpoint.every == 0 or step == cfg.train.steps
+      # A skipped (non-finite) update leaves the last good checkpoint as the one to resume from.
+      if run.checkpointer and due and record["update_applied"] == 1.0:
         run.checkpointer.save(step, run.checkpoint_arrays(), run.position)
       if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
         run.logger.log_eval(step, evaluate(run, run.eval_examples, jax.random.key(cfg.seed + 1)), "periodic")
@@ -418,6 +420,6 @@ def train(config) -> RunSummary:
   finally:
     if run.checkpointer:
       run.checkpointer.close()
-    run.verifier_pool.close()
+    # The verifier pool is process-wide (reused by later runs, closed at exit).
     run.logger.close()
   return RunSummary(steps=run.position.step, before=before, after=after, log_dir=run.logger.directory)

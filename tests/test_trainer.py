@@ -1,0 +1,147 @@
+"""The trainer: config validation, every method end to end, resume equivalence, non-finite guard."""
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from configs import default as default_config  # noqa: E402
+from mopd_jax import config_lib, trainer  # noqa: E402
+
+
+def tiny(method="mopd", **overrides):
+  c = default_config.get_config(f"tiny,method={method}")
+  c.eval.at_start = False
+  c.eval.at_end = False
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+# ----------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"method": "ppo"}, r"config.method: unknown method 'ppo'"),
+    ({"loss.alpha": 1.5}, r"config.loss.alpha: must be in \[0, 1\]"),
+    ({"sampling.group_size": 1}, r"config.sampling.group_size: method 'mopd' needs >= 2 rollouts"),
+    ({"data.task": "jsonl", "data.path": ""}, r"config.data.path: task 'jsonl' needs a data file"),
+    ({"data.task": "jsonl", "data.path": "/nonexistent/train.jsonl"}, r"config.data.path: .* does not exist"),
+    ({"mesh.data": 8, "data.prompts_per_step": 3}, r"config.data.prompts_per_step: 3 prompts per step"),
+    ({"teacher.mode": "teleport"}, r"config.teacher.mode: unknown 'teleport'"),
+    ({"method": "plain_opd"}, r"config.teacher.mode: method 'plain_opd' needs teacher.mode='external'"),
+])
+def test_bad_config_fails_before_any_compute(overrides, message):
+  c = tiny()
+  with c.unlocked():
+    for key, value in overrides.items():
+      node = c
+      *parents, leaf = key.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c, num_devices=8)
+
+
+def test_external_teacher_with_another_tokenizer_is_refused():
+  class Tok:
+    def __init__(self, vocab):
+      self.vocab_size, self.eos_ids = vocab, (0,)
+
+    def encode(self, text):
+      return [ord(ch) % self.vocab_size for ch in text]
+
+  trainer.check_same_tokenizer(Tok(300), Tok(300))
+  with pytest.raises(config_lib.ConfigError, match="tokenizer differs"):
+    trainer.check_same_tokenizer(Tok(300), Tok(301))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+ALL_METHODS = sorted(set(config_lib.METHODS) - {"plain_opd"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_tiny_run_of_every_method_has_finite_metrics(method, tmp_path):
+  c = tiny(method, **{"logging.dir": str(tmp_path)})
+  summary = trainer.train(c)
+  assert summary.steps == 3
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  for r in rows:
+    assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) and r["update_applied"] == 1.0
+    assert 0.0 <= r["rollout/success_rate"] <= 1.0
+
+
+@pytest.mark.slow
+def test_plain_opd_with_external_teacher_runs(tmp_path):
+  c = tiny("plain_opd", **{"logging.dir": str(tmp_path), "teacher.mode": "external",
+                           "teacher.external_preset": "tiny-qwen3", "train.steps": 2})
+  summary = trainer.train(c)
+  assert summary.steps == 2
+
+
+@pytest.mark.slow
+def test_resumed_run_matches_uninterrupted_run(tmp_path):
+  straight = tiny(**{"train.steps": 4, "checkpoint.dir": str(tmp_path / "a"), "checkpoint.every": 2,
+                     "logging.dir": str(tmp_path / "la")})
+  trainer.train(straight)
+
+  first = tiny(**{"train.steps": 2, "checkpoint.dir": str(tmp_path / "b"), "checkpoint.every": 2,
+                  "logging.dir": str(tmp_path / "lb")})
+  trainer.train(first)
+  resumed = tiny(**{"train.steps": 4, "checkpoint.dir": str(tmp_path / "b"), "checkpoint.every": 2,
+                    "logging.dir": str(tmp_path / "lb")})
+  trainer.train(resumed)
+
+  from mopd_jax import checkpointing
+  a = checkpointing.RunCheckpointer(tmp_path / "a", async_save=False)
+  b = checkpointing.RunCheckpointer(tmp_path / "b", async_save=False)
+  assert a.latest_step() == b.latest_step() == 4
+  arrays_a = a._manager.restore(4)["arrays"]
+  arrays_b = b._manager.restore(4)["arrays"]
+  for x, y in zip(jax.tree.leaves(arrays_a), jax.tree.leaves(arrays_b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+  rows_a = [json.loads(l) for l in open(tmp_path / "la" / "metrics.jsonl")]
+  rows_b = [json.loads(l) for l in open(tmp_path / "lb" / "metrics.jsonl")]
+  assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
+  for ra, rb in zip(rows_a, rows_b):
+    for key in ("loss", "grad_norm", "rollout/success_rate", "rollout/response_len_mean"):
+      assert ra[key] == pytest.approx(rb[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_non_finite_updates_stop_the_run_and_keep_checkpoints(tmp_path, monkeypatch):
+  c = tiny(**{"train.steps": 6, "checkpoint.dir": str(tmp_path / "ck"), "checkpoint.every": 1,
+              "logging.dir": str(tmp_path / "log"), "train.max_nonfinite_in_a_row": 2})
+  real_run_one_step = trainer.run_one_step
+  calls = {"n": 0}
+
+  def poisoned(run):
+    calls["n"] += 1
+    if calls["n"] == 2:  # from the second step on, the batch's rewards are NaN -> non-finite loss
+      real_build = trainer.build_batch
+      monkeypatch.setattr(trainer, "build_batch", lambda *a: _nan_batch(real_build(*a)))
+    return real_run_one_step(run)
+
+  monkeypatch.setattr(trainer, "run_one_step", poisoned)
+  with pytest.raises(trainer.TrainingError, match="2 non-finite updates in a row"):
+    trainer.train(c)
+  from mopd_jax import checkpointing
+  assert checkpointing.RunCheckpointer(tmp_path / "ck", async_save=False).latest_step() == 1
+
+
+def _nan_batch(batch):
+  return batch.replace(sampler_logprobs=np.full_like(batch.sampler_logprobs, np.nan))
