@@ -90,7 +90,11 @@ def build_train_batch(
     prompt_buckets: Sequence[int] = DEFAULT_BUCKETS,
     response_buckets: Sequence[int] = DEFAULT_BUCKETS,
     teacher_prompt_buckets: Optional[Sequence[int]] = None,
+    at_least: tuple[int, int, int] = (0, 0, 0),
 ) -> TrainBatch:
+  """Pads `rows` to buckets. `at_least` = (student prompt, teacher prompt, response) lengths
+  the buckets must also fit: multi-process runs pass the global maxima so that every process
+  picks the same shapes."""
   n = len(rows.responses)
   for field in dataclasses.fields(rows):
     value = getattr(rows, field.name)
@@ -98,9 +102,10 @@ def build_train_batch(
       raise ValueError(f"RolloutRows.{field.name} has {len(value)} entries, expected {n}")
   if any(len(p) == 0 for p in rows.student_prompts):
     raise ValueError("RolloutRows.student_prompts: every prompt needs at least one token")
-  ps = bucket_for(max(map(len, rows.student_prompts)), prompt_buckets, "student prompt")
-  pt = bucket_for(max(map(len, rows.teacher_prompts)), teacher_prompt_buckets or prompt_buckets, "teacher prompt")
-  r = bucket_for(max(1, max(map(len, rows.responses))), response_buckets, "response")
+  ps_len, pt_len, r_len = local_max_lengths(rows)
+  ps = bucket_for(max(ps_len, at_least[0]), prompt_buckets, "student prompt")
+  pt = bucket_for(max(pt_len, at_least[1]), teacher_prompt_buckets or prompt_buckets, "teacher prompt")
+  r = bucket_for(max(r_len, at_least[2]), response_buckets, "response")
   response = _right_pad(rows.responses, r, pad_id, np.int32)
   mask = _right_pad([[1.0] * len(x) for x in rows.responses], r, 0.0, np.float32)
   s_tok, s_seg = _left_pad(rows.student_prompts, ps, pad_id)
@@ -120,6 +125,11 @@ def build_train_batch(
       success=np.asarray(rows.success, np.float32),
       group_ids=np.asarray(rows.group_ids, np.int32),
   )
+
+
+def local_max_lengths(rows: RolloutRows) -> tuple[int, int, int]:
+  return (max(map(len, rows.student_prompts)), max(map(len, rows.teacher_prompts)),
+          max(1, max(map(len, rows.responses))))
 
 
 def step_ids_from_text_offsets(token_texts: Sequence[str], separator: str = "\n\n") -> list[int]:

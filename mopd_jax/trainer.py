@@ -190,9 +190,13 @@ def build_batch(run: "Run", rollouts: Rollouts, teacher_prompts, contexts) -> ba
       step_ids=[batching.step_ids_from_text_offsets([run.tokenizer.decode([t]) for t in resp])
                 for resp in rollouts.response_tokens] if run.config.loss.step_level else None)
   d = run.config.data
+  at_least = batching.local_max_lengths(rows)
+  if jax.process_count() > 1:  # every process must pick the same buckets
+    from jax.experimental import multihost_utils
+    at_least = tuple(int(x) for x in np.max(multihost_utils.process_allgather(np.asarray(at_least)), axis=0))
   return batching.build_train_batch(
       rows, pad_id=run.tokenizer.pad_id, prompt_buckets=d.prompt_buckets, response_buckets=d.response_buckets,
-      teacher_prompt_buckets=d.teacher_prompt_buckets)
+      teacher_prompt_buckets=d.teacher_prompt_buckets, at_least=at_least)
 
 
 # ----------------------------------------------------------------------------- evaluation
