@@ -24,10 +24,12 @@ def get_config(arg: str | None = None):
                                "allow_parentheses": False}}
   c.data.train_size = 2000
   c.data.eval_size = 200
-  c.data.prompts_per_step = 8
-  c.data.prompt_buckets = (64, 128)
-  c.data.response_buckets = (32, 64, 96)
-  c.data.teacher_prompt_buckets = (128, 256, 384, 512)
+  # One bucket each: every step reuses one compiled sampler and one compiled train step.
+  c.data.prompts_per_step = 4
+  c.data.prompt_buckets = (96,)
+  c.data.response_buckets = (96,)
+  c.data.teacher_prompt_buckets = (384,)
+  c.mopd.overrides = {"max_teacher_prompt_len": 320, "truncation": "right"}
   c.sampling.group_size = 4
   c.sampling.max_new_tokens = 96
   c.sampling.temperature = 1.0

@@ -252,7 +252,11 @@ class Run:
   rng: Any
 
   def sampler_params(self):
-    return self.state.params
+    if jax.process_count() == 1:
+      return self.state.params
+    # Multi-process: each process samples its own prompts on its local devices from a local
+    # copy of the (replicated, checked at setup) params.
+    return jax.tree.map(lambda x: x.addressable_data(0), self.state.params)
 
   def checkpoint_arrays(self):
     return {"state": self.state, "teacher": self.teacher, "rng": jax.random.key_data(self.rng)}
@@ -260,10 +264,16 @@ class Run:
 
 def setup(config) -> Run:
   if config.distributed.enabled:
+    # CPU multi-process runs (tests, laptops) need gloo collectives; ignored on GPU/TPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=config.distributed.coordinator_address,
         num_processes=config.distributed.num_processes, process_id=config.distributed.process_id)
   config_lib.validate(config, num_devices=jax.device_count())
+  if jax.process_count() > 1 and (config.mesh.fsdp != 1 or config.mesh.tensor != 1):
+    raise config_lib.ConfigError(
+        "config.mesh: multi-process runs sample from a local copy of the params, which needs them "
+        "replicated (mesh.fsdp = mesh.tensor = 1)")
   mesh = sharding.make_mesh(sharding.MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   m = config.model
   model, tokenizer = load_model_and_tokenizer(m.preset, m.checkpoint, m.tokenizer, m.param_dtype, m.dtype, config.seed)

@@ -42,6 +42,7 @@ class ModelConfig:
   max_position_embeddings: int = 8192
   param_dtype: str = "float32"  # "float32" | "bfloat16"
   dtype: str = "float32"  # compute dtype; softmax and logits are always float32
+  remat: bool = False  # recompute each layer in the backward pass (activation memory ~ one layer)
 
   def __post_init__(self):
     if self.family not in FAMILIES:

@@ -269,7 +269,8 @@ class Transformer(nnx.Module):
     new_keys, new_values = [], []
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.keys[i], cache.values[i], index)
-      x, updated = layer(x, positions, segment_ids, q_slots, inv_freq, layer_cache, kv_segments)
+      call = nnx.remat(type(layer).__call__) if self.config.remat else type(layer).__call__
+      x, updated = call(layer, x, positions, segment_ids, q_slots, inv_freq, layer_cache, kv_segments)
       if updated is not None:
         new_keys.append(updated[0])
         new_values.append(updated[1])
