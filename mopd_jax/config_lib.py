@@ -74,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
                  weight_decay=0.0, grad_clip=1.0)
   c.data = dict(
       task="reasoning_gym", options=ml_collections.ConfigDict({}, type_safe=False),
-      train_size=1000, eval_size=200, eval_seed_offset=1000, prompts_per_step=32, path="",
+      train_size=1000, eval_size=200, eval_seed_offset=1_000_000,  # reasoning-gym seeds item i with seed + i
+      prompts_per_step=32, path="",
       prompt_buckets=(64, 128, 256, 512, 1024, 2048),
       response_buckets=(32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
       teacher_prompt_buckets=(128, 256, 512, 1024, 2048, 4096, 8192, 10240))

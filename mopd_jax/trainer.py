@@ -97,9 +97,20 @@ def load_examples(config) -> tuple[list[Example], list[Example]]:
   if d.task in ("reasoning_gym",) or "seed" in options or d.task in ("basic_arithmetic", "chain_sum", "countdown"):
     seed = options.pop("seed", config.seed)
     train = list(load_task(d.task, size=d.train_size, seed=seed, **options))
-    held_out = list(load_task(d.task, size=d.eval_size, seed=seed + d.eval_seed_offset, **options))
-    train_questions = {e.prompt for e in train}
-    held_out = [e for e in held_out if e.prompt not in train_questions]  # no leakage
+    # Held-out prompts never seen in training: draw candidates from another seed range and keep
+    # the first eval_size that differ from every training prompt (small task spaces overlap).
+    seen = {e.prompt for e in train}
+    held_out = []
+    for e in load_task(d.task, size=10 * d.eval_size, seed=seed + d.eval_seed_offset, **options):
+      if e.prompt not in seen:
+        seen.add(e.prompt)
+        held_out.append(e)
+      if len(held_out) == d.eval_size:
+        break
+    if len(held_out) < d.eval_size:
+      raise config_lib.ConfigError(
+          f"config.data.eval_size: only {len(held_out)} held-out prompts differ from the {len(train)} training "
+          "ones; lower data.eval_size or data.train_size")
     return train, held_out
   examples = list(load_task(d.task, **options))
   if len(examples) <= d.eval_size:
@@ -152,6 +163,12 @@ def sample_and_verify(run: "Run", examples: Sequence[Example], rng, *, group_siz
     texts.append(result.texts[r])
   expanded = [examples[r // group_size] for r in range(len(responses))]
   verdicts = run.verifier_pool.verify(expanded, texts, deadline_s=cfg.verifier.deadline_s)
+  broken = [v for v in verdicts if v.details.get("error") == "WorkerSetup"]
+  if broken:
+    # Infrastructure, not the model: training on all-zero rewards would be silently wrong.
+    raise TrainingError(
+        f"verifier workers could not start ({broken[0].feedback}); scripts that call the trainer must guard "
+        "their entry point with `if __name__ == '__main__':` (workers re-import the main module)")
   return Rollouts(
       examples=examples, prompt_tokens=prompts, response_tokens=responses, response_logprobs=logprobs,
       texts=texts, verdicts=verdicts, finish_reasons=[f.value for f in result.finish_reasons],
