@@ -8,20 +8,18 @@ lives in `train_step.py` and `sampling.py`; this file only wires and does I/O.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mopd_jax import batching, checkpointing, config_lib, peers, sharding
+from mopd_jax import batching, checkpointing, config_lib, losses, peers, sharding
 from mopd_jax import sampling as sampling_lib
 from mopd_jax.logging_lib import MetricsLogger, flatten_metrics
-from mopd_jax.models import ModelConfig, get_preset, init_model
+from mopd_jax.models import get_preset, init_model
 from mopd_jax.passk import aggregate_pass_at_k
 from mopd_jax.tasks import load_task
 from mopd_jax.tokenizer import Tokenizer
@@ -79,13 +77,12 @@ def check_same_tokenizer(student: Tokenizer, teacher: Tokenizer) -> None:
 def step_config(config) -> StepConfig:
   method = config_lib.method_of(config)
   l = config.loss
-  import mopd_jax.losses as L
   return StepConfig(
       loss=method.loss, teacher_mode=config.teacher.mode, teacher_rate=config.teacher.rate,
       group_size=config.sampling.group_size, distill=config_lib.distill_config(config),
-      grpo=L.GRPOConfig(clip_eps=l.grpo_clip, kl_coef=l.grpo_kl_coef, loss_agg=l.loss_agg),
+      grpo=losses.GRPOConfig(clip_eps=l.grpo_clip, kl_coef=l.grpo_kl_coef, loss_agg=l.loss_agg),
       grpo_normalize_std=l.grpo_normalize_std, grpo_use_kl=l.grpo_use_kl,
-      dpo=L.DPOConfig(beta=l.dpo_beta), simpo=L.SimPOConfig(beta=l.simpo_beta, gamma=l.simpo_gamma))
+      dpo=losses.DPOConfig(beta=l.dpo_beta), simpo=losses.SimPOConfig(beta=l.simpo_beta, gamma=l.simpo_gamma))
 
 
 def load_examples(config) -> tuple[list[Example], list[Example]]:

@@ -1,7 +1,6 @@
 """Orbax round trips: bit-exact, shardings restored, a failed save keeps the last good step."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from mopd_jax import sharding
-from mopd_jax.models import KVCache, ModelConfig, init_model, positions_from_segments, tiny_config
+from mopd_jax.models import KVCache, init_model, positions_from_segments, tiny_config
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
 

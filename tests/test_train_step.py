@@ -1,6 +1,5 @@
 """The jitted train step: every method runs, sharded == single device, EMA exact, guards."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

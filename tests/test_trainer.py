@@ -1,6 +1,5 @@
 """The trainer: config validation, every method end to end, resume equivalence, non-finite guard."""
 
-import dataclasses
 import json
 import os
 import sys
