@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from mopd_jax import sharding
 from mopd_jax.models.config import ModelConfig
@@ -306,22 +306,6 @@ class _DecodeState:
   cache: KVCache
 
 
-def _constrain(x: Array, mesh: Optional[Mesh], spec: Optional[NamedSharding] = None) -> Array:
-  if mesh is None:
-    return x
-  return jax.lax.with_sharding_constraint(x, spec or sharding.batch_sharding(mesh, x.ndim))
-
-
-def _constrain_cache(cache: KVCache, mesh: Optional[Mesh], num_kv_heads: int) -> KVCache:
-  if mesh is None:
-    return cache
-  kv = sharding.cache_sharding(mesh, num_kv_heads)
-  return cache.replace(
-      keys=tuple(_constrain(k, mesh, kv) for k in cache.keys),
-      values=tuple(_constrain(v, mesh, kv) for v in cache.values),
-      segment_ids=_constrain(cache.segment_ids, mesh))
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "generation_len", "mesh"))
 def _prefill(
     graphdef: nnx.GraphDef,
@@ -339,15 +323,15 @@ def _prefill(
   b, lp = tokens.shape
   segments = (jnp.arange(lp)[None, :] >= (lp - prompt_lengths)[:, None]).astype(jnp.int32)
   cache = KVCache.empty(config, b, lp + generation_len)
-  cache = _constrain_cache(cache, mesh, config.num_kv_heads)
+  cache = sharding.constrain_cache(cache, mesh, config.num_kv_heads)
   out = model(tokens, positions_from_segments(segments), segments, cache, return_logits=False)
   # Left padding: the last slot is every row's last prompt token; only its logits are needed.
   logits = model.logits(out.hidden[:, -1:])[:, 0]
-  cache = _constrain_cache(out.cache.repeat_rows(num_samples), mesh, config.num_kv_heads)
+  cache = sharding.constrain_cache(out.cache.repeat_rows(num_samples), mesh, config.num_kv_heads)
   return Prefilled(
       cache=cache,
-      logits=_constrain(jnp.repeat(logits, num_samples, axis=0), mesh),
-      positions=_constrain(jnp.repeat(prompt_lengths, num_samples, axis=0), mesh))
+      logits=sharding.constrain(jnp.repeat(logits, num_samples, axis=0), mesh),
+      positions=sharding.constrain(jnp.repeat(prompt_lengths, num_samples, axis=0), mesh))
 
 
 @flax.struct.dataclass
@@ -376,7 +360,7 @@ def _record(s: _DecodeState, sample: TokenSample, limits: _Limits, mesh: Optiona
   """Write token `s.step` of every active row; finished rows get pad and zero log-probs."""
   active = ~s.done
   token = jnp.where(active, sample.token, limits.pad_id)
-  put = lambda buf, col: _constrain(
+  put = lambda buf, col: sharding.constrain(
       jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, s.step)), mesh)
   zero = lambda x: jnp.where(active, x, 0.0)
   hit_stop = active & jnp.any(token[:, None] == limits.stop_token_ids[None, :], axis=-1)
@@ -417,7 +401,7 @@ def _decode(
   rows = first_logits.shape[0]
   draw = lambda step, logits: sample_with_uniform(
       logits, jax.random.uniform(jax.random.fold_in(rng, step), (rows,), jnp.float32), rule)
-  buffer = lambda dtype: _constrain(jnp.zeros((rows, generation_len), dtype), mesh)
+  buffer = lambda dtype: sharding.constrain(jnp.zeros((rows, generation_len), dtype), mesh)
   s = _DecodeState(
       step=jnp.zeros((), jnp.int32),
       last_token=jnp.zeros((rows,), jnp.int32),
@@ -439,8 +423,8 @@ def _decode(
     positions = first_positions + s.step - 1  # RoPE position of the token being fed
     ones = jnp.ones((rows, 1), jnp.int32)
     out = model(s.last_token[:, None], positions[:, None], ones, s.cache)
-    s = s.replace(cache=_constrain_cache(out.cache, mesh, config.num_kv_heads))
-    logits = _constrain(out.logits[:, 0], mesh)
+    s = s.replace(cache=sharding.constrain_cache(out.cache, mesh, config.num_kv_heads))
+    logits = sharding.constrain(out.logits[:, 0], mesh)
     return _record(s, draw(s.step, logits), limits, mesh)
 
   s = jax.lax.while_loop(keep_going, step, s)

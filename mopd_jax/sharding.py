@@ -155,3 +155,21 @@ def cache_sharding(mesh: Mesh, num_kv_heads: int) -> NamedSharding:
   """KV cache [B, S, KVH, D]: rows like the batch, kv heads over `tensor` when it divides them."""
   heads = "tensor" if num_kv_heads % mesh.shape["tensor"] == 0 else None
   return NamedSharding(mesh, P(BATCH_AXES, None, heads, None))
+
+
+def constrain(x: jax.Array, mesh: Optional[Mesh], spec: Optional[NamedSharding] = None) -> jax.Array:
+  """Inside jit: rows over data x fsdp (or `spec`); a no-op without a mesh."""
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, spec or batch_sharding(mesh, x.ndim))
+
+
+def constrain_cache(cache: Any, mesh: Optional[Mesh], num_kv_heads: int) -> Any:
+  """Inside jit: a KVCache's keys/values by `cache_sharding`, its segment ids like the batch."""
+  if mesh is None:
+    return cache
+  kv = cache_sharding(mesh, num_kv_heads)
+  return cache.replace(
+      keys=tuple(constrain(k, mesh, kv) for k in cache.keys),
+      values=tuple(constrain(v, mesh, kv) for v in cache.values),
+      segment_ids=constrain(cache.segment_ids, mesh))

@@ -144,3 +144,16 @@ def test_non_finite_updates_stop_the_run_and_keep_checkpoints(tmp_path, monkeypa
 
 def _nan_batch(batch):
   return batch.replace(sampler_logprobs=np.full_like(batch.sampler_logprobs, np.nan))
+
+
+@pytest.mark.parametrize("name", ["qwen3_8b_lcb", "qwen3_4b_math", "qwen3_8b_sciqa", "qwen3_8b_tooluse",
+                                  "qwen3_14b_to_4b"])
+def test_paper_configs_validate_given_data_and_fail_clearly_without(name, tmp_path):
+  import importlib
+  module = importlib.import_module(f"configs.{name}")
+  data = tmp_path / "train.jsonl"
+  data.write_text("{}\n")
+  c = module.get_config(f"data={data}")
+  config_lib.validate(c, num_devices=8)
+  with pytest.raises(config_lib.ConfigError, match="config.data.path"):
+    config_lib.validate(module.get_config(None), num_devices=8)

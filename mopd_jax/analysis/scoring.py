@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from mopd_jax import losses, sharding
 from mopd_jax.models.transformer import KVCache, Transformer, positions_from_segments
@@ -111,22 +111,6 @@ class ScoreResult:
 # ------------------------------------------------------------------------------ jitted parts
 
 
-def _constrain(x: Array, mesh: Optional[Mesh], spec: Optional[NamedSharding] = None) -> Array:
-  if mesh is None:
-    return x
-  return jax.lax.with_sharding_constraint(x, spec or sharding.batch_sharding(mesh, x.ndim))
-
-
-def _constrain_cache(cache: KVCache, mesh: Optional[Mesh], num_kv_heads: int) -> KVCache:
-  if mesh is None:
-    return cache
-  kv = sharding.cache_sharding(mesh, num_kv_heads)
-  return cache.replace(
-      keys=tuple(_constrain(k, mesh, kv) for k in cache.keys),
-      values=tuple(_constrain(v, mesh, kv) for v in cache.values),
-      segment_ids=_constrain(cache.segment_ids, mesh))
-
-
 @flax.struct.dataclass
 class _Contexts:
   cache: KVCache  # [C] rows, Lc slots, index = Lc
@@ -140,10 +124,10 @@ def _prefill_contexts(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, l
   model = nnx.merge(graphdef, state)
   c, lc = tokens.shape
   segments = (jnp.arange(lc)[None, :] >= (lc - lengths)[:, None]).astype(jnp.int32)
-  cache = _constrain_cache(KVCache.empty(model.config, c, lc), mesh, model.config.num_kv_heads)
+  cache = sharding.constrain_cache(KVCache.empty(model.config, c, lc), mesh, model.config.num_kv_heads)
   out = model(tokens, positions_from_segments(segments), segments, cache, return_logits=False)
-  cache = _constrain_cache(out.cache, mesh, model.config.num_kv_heads)
-  return _Contexts(cache=cache, last_hidden=_constrain(out.hidden[:, -1], mesh))
+  cache = sharding.constrain_cache(out.cache, mesh, model.config.num_kv_heads)
+  return _Contexts(cache=cache, last_hidden=sharding.constrain(out.hidden[:, -1], mesh))
 
 
 def _gather_rows(cache: KVCache, rows: Array, extra_slots: int) -> KVCache:
@@ -173,13 +157,13 @@ def _score_continuations(
   """[R, Lr] float32 log p(token t | context, tokens < t) at `temperature`; 0 on padding."""
   model = nnx.merge(graphdef, state)
   lr = tokens.shape[1]
-  cache = _constrain_cache(_gather_rows(contexts.cache, rows, lr), mesh, model.config.num_kv_heads)
+  cache = sharding.constrain_cache(_gather_rows(contexts.cache, rows, lr), mesh, model.config.num_kv_heads)
   segments = (jnp.arange(lr)[None, :] < lengths[:, None]).astype(jnp.int32)
   positions = context_lengths[:, None] + jnp.arange(lr)[None, :]
   out = model(tokens, positions, segments, cache, return_logits=False)
   # Token 0 is predicted by the context's last position, token t by response position t - 1.
   first = jnp.take(contexts.last_hidden, rows, axis=0)[:, None]
-  hidden = _constrain(jnp.concatenate([first, out.hidden[:, :-1]], axis=1), mesh)
+  hidden = sharding.constrain(jnp.concatenate([first, out.hidden[:, :-1]], axis=1), mesh)
   logp, _ = losses.chunked_target_logp(
       hidden, model.unembedding(), tokens, temperature=temperature, chunk_size=chunk_size)
   return jnp.where(segments > 0, logp, 0.0)
@@ -206,7 +190,7 @@ def _score_concatenated(
   out = model(tokens, positions_from_segments(segments), segments, return_logits=False)
   t = jnp.arange(response_len)[None, :]
   predict_at = jnp.clip(context_lengths[:, None] - 1 + t, 0, length - 1)
-  hidden = _constrain(jnp.take_along_axis(out.hidden, predict_at[..., None], axis=1), mesh)
+  hidden = sharding.constrain(jnp.take_along_axis(out.hidden, predict_at[..., None], axis=1), mesh)
   targets = jnp.take_along_axis(tokens, jnp.clip(context_lengths[:, None] + t, 0, length - 1), axis=1)
   logp, _ = losses.chunked_target_logp(
       hidden, model.unembedding(), targets, temperature=temperature, chunk_size=chunk_size)

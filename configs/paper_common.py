@@ -1,0 +1,46 @@
+"""Shared settings of the paper-scale runs (MOPD_SPEC.md section 7), for TPU/GPU with local data.
+
+Each paper config is `paper_config(...)` plus its task. Data and checkpoints are local files,
+given on the command line:
+
+    python -m mopd_jax.main --config=configs/qwen3_8b_lcb.py \\
+        --config.model.checkpoint=/ckpt/Qwen3-8B --config.data.path=/data/lcb_v6_train.jsonl
+"""
+
+from mopd_jax import config_lib
+
+
+def paper_config(arg, *, preset: str, task_verifier: str, max_new_tokens: int = 8192):
+  a = config_lib.parse_arg(arg, method="mopd", checkpoint="", data="")
+  c = config_lib.base_config()
+  config_lib.apply_method(c, a.method)
+  c.model.preset = preset
+  c.model.checkpoint = a.checkpoint  # an HF checkpoint directory (required)
+  c.model.param_dtype = "float32"  # AdamW and the EMA teacher need f32 master weights
+  c.model.dtype = "bfloat16"
+  c.data.task = "jsonl"
+  c.data.path = a.data
+  c.data.options = {"verifier": task_verifier}
+  c.data.train_size = 10**9
+  c.data.eval_size = 128
+  c.data.prompts_per_step = 32
+  c.sampling.group_size = 8
+  c.sampling.temperature = 1.0
+  c.sampling.max_new_tokens = max_new_tokens
+  c.sampling.enable_thinking = True
+  c.data.prompt_buckets = (512, 1024, 2048)
+  c.data.response_buckets = (1024, 2048, 4096, 8192)
+  c.data.teacher_prompt_buckets = (2048, 4096, 8192, 10240)
+  c.loss.chunk_size = 256
+  c.optim.lr = 1e-5
+  c.teacher.mode = "ema"
+  c.teacher.rate = 0.05
+  c.train.steps = 200
+  c.eval.every = 20
+  c.eval.num_samples = 8
+  c.eval.max_new_tokens = max_new_tokens
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+  c.checkpoint.dir = f"runs/{preset}-{a.method}/checkpoints"
+  c.checkpoint.every = 10
+  c.logging.dir = f"runs/{preset}-{a.method}"
+  return c

@@ -1,0 +1,11 @@
+"""Paper run: qwen3-8b, SciKnowEval Chemistry (multiple choice). Needs a local checkpoint and JSONL data (schema:
+mopd_jax/tasks/jsonl.py):
+
+    python -m mopd_jax.main --config=configs/qwen3_8b_sciqa.py:checkpoint=/ckpt/DIR,data=/data/train.jsonl
+"""
+
+from configs.paper_common import paper_config
+
+
+def get_config(arg=None):
+  return paper_config(arg, preset="qwen3-8b", task_verifier="multiple_choice")
