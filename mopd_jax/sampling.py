@@ -28,8 +28,9 @@ Per generated token the sampler returns three log-probs (all float32):
   MOPD trainer compares against (teacher temperature = student temperature). Greedy: T = 1.
 - `model_logprobs`: log_softmax(logits), no processing at all.
 
-Randomness: the uniform of token i of row r is `uniform(fold_in(rng, i))[r]`; with jax's
-partitionable threefry the result depends only on `rng`, not on the mesh.
+Randomness: the uniform of token i of row r (sample g of prompt p) is
+`uniform(fold_in(fold_in(rng, p * G + g), i))`: it depends only on `rng` and the row's global
+id, not on the mesh, the batch composition or the process that samples it.
 Sampling is an inverse-CDF draw from one uniform per row (blocked: one pass over the vocab
 plus a pass over one block), not Gumbel-max, which would draw B x V random numbers per step.
 Top-p keeps the smallest set of most likely tokens whose mass reaches `top_p` (the same set
@@ -386,6 +387,7 @@ def _decode(
     first_logits: Array,  # [R, V] Prefilled.logits
     first_positions: Array,  # [R] Prefilled.positions
     rng: Array,
+    row_ids: Array,  # [R] int32: each row's random stream (prompt id * G + sample index)
     limits: _Limits,
     *,
     rule: TokenRule,
@@ -399,8 +401,11 @@ def _decode(
   TRACE_COUNTS["decode"] += 1
   config: ModelConfig = nnx.merge(graphdef, state).config
   rows = first_logits.shape[0]
-  draw = lambda step, logits: sample_with_uniform(
-      logits, jax.random.uniform(jax.random.fold_in(rng, step), (rows,), jnp.float32), rule)
+  # One stream per row, keyed by its global id: a row's samples do not depend on which other
+  # prompts share the batch (or the process), so multi-process runs match single-process ones.
+  row_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids)
+  uniforms = lambda step: jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (), jnp.float32))(row_keys)
+  draw = lambda step, logits: sample_with_uniform(logits, sharding.constrain(uniforms(step), mesh), rule)
   buffer = lambda dtype: sharding.constrain(jnp.zeros((rows, generation_len), dtype), mesh)
   s = _DecodeState(
       step=jnp.zeros((), jnp.int32),
@@ -579,6 +584,7 @@ def sample(
     sampling_params: SamplingParams = SamplingParams(),
     mesh: Optional[Mesh] = None,
     decode_fn: Optional[Callable[[list[int]], str]] = None,
+    prompt_ids: Optional[Sequence[int]] = None,
 ) -> SampleResult:
   """Sample `num_samples` responses for each prompt (token ids, unpadded, any lengths).
 
@@ -590,8 +596,14 @@ def sample(
     The mesh must hold only this process's devices: in multi-process runs each process samples
     its own prompts (mesh=None or a local mesh) from a local copy of the params.
   decode_fn: token ids -> text; required for stop strings, and fills `SampleResult.texts`.
+  prompt_ids: a global id per prompt (default 0..B-1). Sample g of prompt p draws from the
+    random stream (rng, p * num_samples + g), so a prompt's samples are the same whatever else
+    is in the batch: the trainer passes global prompt indices, making multi-process sampling
+    match a single process.
   """
   params = sampling_params
+  if prompt_ids is not None and len(prompt_ids) != len(prompts):
+    raise ValueError(f"sample: {len(prompt_ids)} prompt_ids for {len(prompts)} prompts")
   if not (_is_int(num_samples) and num_samples >= 1):
     raise ValueError(f"sample: num_samples must be an int >= 1, got {num_samples!r}")
   if params.stop_strings and decode_fn is None:
@@ -613,9 +625,11 @@ def sample(
   prefilled = _prefill(
       graphdef, state, _to_device(tokens, mesh), _to_device(lengths, mesh),
       num_samples=num_samples, generation_len=gen_len, mesh=mesh)
+  ids = np.arange(len(prompts)) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
+  row_ids = (ids[:, None] * num_samples + np.arange(num_samples)[None, :]).reshape(-1).astype(np.int32)
   decoded, _ = _decode(
       graphdef, state, prefilled.cache, prefilled.logits, prefilled.positions, rng,
-      _limits(params), rule=params.token_rule(), generation_len=gen_len, mesh=mesh)
+      _to_device(row_ids, mesh), _limits(params), rule=params.token_rule(), generation_len=gen_len, mesh=mesh)
   out = jax.device_get(decoded)
   return _finish(out, params, num_samples, tokens, lengths, truncated, decode_fn)
 

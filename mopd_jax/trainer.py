@@ -139,7 +139,9 @@ def chat_prompt_tokens(tokenizer: Tokenizer, messages: Sequence[Message], enable
 
 
 def sample_and_verify(run: "Run", examples: Sequence[Example], rng, *, group_size: int, temperature: float,
-                      max_new_tokens: int) -> Rollouts:
+                      max_new_tokens: int, first_prompt_id: int = 0) -> Rollouts:
+  """Sample G rollouts per example and verify them. `first_prompt_id`: the global index of
+  examples[0], which keys each prompt's random stream (see `sampling.sample`)."""
   cfg = run.config
   prompts = [chat_prompt_tokens(run.tokenizer, e.prompt, cfg.sampling.enable_thinking) for e in examples]
   params = sampling_lib.SamplingParams(
@@ -150,7 +152,8 @@ def sample_and_verify(run: "Run", examples: Sequence[Example], rng, *, group_siz
   result = sampling_lib.sample(
       (run.sampler_graphdef, run.sampler_params()), prompts, num_samples=group_size, rng=rng,
       sampling_params=params, mesh=run.sample_mesh,
-      decode_fn=lambda ids: run.tokenizer.decode(ids, skip_special_tokens=True))
+      decode_fn=lambda ids: run.tokenizer.decode(ids, skip_special_tokens=True),
+      prompt_ids=[first_prompt_id + i for i in range(len(prompts))])
   responses, logprobs, texts = [], [], []
   for r in range(result.num_rows):
     n = int(result.lengths[r])
@@ -233,8 +236,8 @@ def evaluate(run: "Run", examples: Sequence[Example], rng) -> EvalResult:
   for start in range(0, len(examples), chunk):
     part = examples[start:start + chunk]
     rollouts = sample_and_verify(
-        run, part, jax.random.fold_in(rng, start), group_size=k, temperature=c.temperature,
-        max_new_tokens=c.max_new_tokens)
+        run, part, rng, group_size=k, temperature=c.temperature, max_new_tokens=c.max_new_tokens,
+        first_prompt_id=start)
     for i in range(len(part)):
       successes.append([v.success for v in rollouts.verdicts[i * k:(i + 1) * k]])
   (stats,) = aggregate_pass_at_k(successes, ks=(k,))
@@ -357,8 +360,9 @@ def run_one_step(run: Run) -> dict[str, float]:
   t0 = time.perf_counter()
   examples, group_offset = next_prompts(run)
   rollouts = sample_and_verify(
-      run, examples, jax.random.fold_in(step_rng, 1 + group_offset), group_size=cfg.sampling.group_size,
-      temperature=cfg.sampling.temperature, max_new_tokens=cfg.sampling.max_new_tokens)
+      run, examples, jax.random.fold_in(step_rng, 1), group_size=cfg.sampling.group_size,
+      temperature=cfg.sampling.temperature, max_new_tokens=cfg.sampling.max_new_tokens,
+      first_prompt_id=group_offset)
   times["time/sample_and_verify_s"] = time.perf_counter() - t0
   t1 = time.perf_counter()
   contexts, teacher_prompts = teacher_rows(run, rollouts, step, group_offset)

@@ -163,7 +163,7 @@ def test_prefill_runs_once_per_prompt_and_groups_start_from_identical_caches():
   # The decode loop takes the prefill cache as a donated buffer and aliases it to its output.
   hlo = sampling._decode.lower(
       graphdef, state, out.cache, out.logits, out.positions, jax.random.key(0),
-      sampling._limits(SamplingParams(max_new_tokens=8)), rule=TokenRule(1.0, 1.0, 0),
+      jnp.arange(b * g, dtype=jnp.int32), sampling._limits(SamplingParams(max_new_tokens=8)), rule=TokenRule(1.0, 1.0, 0),
       generation_len=8, mesh=None).compile().as_text()
   assert "input_output_alias" in hlo.split("\n", 1)[0]
   for got, ref in zip(jax.tree.leaves((out.cache.keys, out.cache.values, out.cache.segment_ids,
@@ -398,3 +398,18 @@ def test_left_truncation_is_reported():
   short = sampling.sample(_model("llama"), [long[8:]] + prompts[1:], num_samples=2,
                           rng=jax.random.key(0), sampling_params=params)
   np.testing.assert_array_equal(res.tokens, short.tokens)
+
+
+def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_batch():
+  """Keyed by global prompt id: what multi-process sampling relies on."""
+  cfg = tiny_config("llama")
+  model = init_model(cfg, seed=7)
+  params = SamplingParams(temperature=1.0, max_new_tokens=8, prompt_buckets=(16,), generation_buckets=(8,))
+  prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [3]]
+  key = jax.random.key(11)
+  whole = sampling.sample(model, prompts, num_samples=2, rng=key, sampling_params=params, prompt_ids=[0, 1, 2, 3])
+  halves = [sampling.sample(model, prompts[i:i + 2], num_samples=2, rng=key, sampling_params=params,
+                            prompt_ids=[i, i + 1]) for i in (0, 2)]
+  np.testing.assert_array_equal(whole.tokens, np.concatenate([h.tokens for h in halves]))
+  other = sampling.sample(model, prompts[:2], num_samples=2, rng=key, sampling_params=params, prompt_ids=[2, 3])
+  assert not np.array_equal(other.tokens, halves[0].tokens)
