@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -14,7 +13,6 @@ from mopd_jax.tasks import PromptFormat, get_task, load_task, registered_tasks
 from mopd_jax.types import Example, Message
 from mopd_jax.verifiers.base import get_verifier, verify_batch, verify_one
 
-HAS_CODE_VERIFIER = importlib.util.find_spec("mopd_jax.verifiers.code") is not None
 
 
 def assert_well_formed(examples: list[Example]) -> None:
@@ -96,7 +94,6 @@ def test_humaneval_problems():
   assert all(p["entry_point"] in p["prompt"] and "def check" in p["test"] for p in problems)
 
 
-@pytest.mark.skipif(not HAS_CODE_VERIFIER, reason="code verifier not present yet")
 def test_humaneval_examples():
   examples = list(load_task("humaneval"))
   assert len(examples) == 164
@@ -110,7 +107,6 @@ def _humaneval_completion(example: Example, body: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_CODE_VERIFIER, reason="code verifier not present yet")
 def test_humaneval_acceptance_canonical_pass_return_none_fails():
   """All 164 canonical solutions pass and 164 `return None` fail, in <= 60 s on 2 workers.
 
@@ -193,7 +189,6 @@ def test_jsonl_examples(tmp_path):
   assert all(v.success for v in verify_batch(examples, completions, num_workers=2))
 
 
-@pytest.mark.skipif(not HAS_CODE_VERIFIER, reason="code verifier not present yet")
 def test_jsonl_code_reference(tmp_path):
   path = tmp_path / "code.jsonl"
   _write_jsonl(path, [{"prompt": "Write add(a, b).", "verifier": "code",
