@@ -152,9 +152,9 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
 
 
 def cache_sharding(mesh: Mesh, num_kv_heads: int) -> NamedSharding:
-  """KV cache [B, S, KVH, D]: rows like the batch, kv heads over `tensor` when it divides them."""
+  """KV cache [B, KVH, S, D]: rows like the batch, kv heads over `tensor` when it divides them."""
   heads = "tensor" if num_kv_heads % mesh.shape["tensor"] == 0 else None
-  return NamedSharding(mesh, P(BATCH_AXES, None, heads, None))
+  return NamedSharding(mesh, P(BATCH_AXES, heads, None, None))
 
 
 def constrain(x: jax.Array, mesh: Optional[Mesh], spec: Optional[NamedSharding] = None) -> jax.Array:

@@ -132,12 +132,15 @@ def _prefill_contexts(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, l
 
 def _gather_rows(cache: KVCache, rows: Array, extra_slots: int) -> KVCache:
   """Cache row rows[r] for every response r, with `extra_slots` empty slots appended."""
-  def take(x: Array) -> Array:
+  def take(x: Array, slot_axis: int) -> Array:
     x = jnp.take(x, rows, axis=0)
-    return jnp.pad(x, [(0, 0), (0, extra_slots)] + [(0, 0)] * (x.ndim - 2))
+    pad = [(0, 0)] * x.ndim
+    pad[slot_axis] = (0, extra_slots)
+    return jnp.pad(x, pad)
   # The padded slots have segment 0 (empty) until the responses write them.
-  return KVCache(keys=tuple(map(take, cache.keys)), values=tuple(map(take, cache.values)),
-                 segment_ids=take(cache.segment_ids), index=cache.index)
+  kv = lambda x: take(x, slot_axis=2)  # [B, KVH, S, D]
+  return KVCache(keys=tuple(map(kv, cache.keys)), values=tuple(map(kv, cache.values)),
+                 segment_ids=take(cache.segment_ids, slot_axis=1), index=cache.index)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk_size", "mesh"))

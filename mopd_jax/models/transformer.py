@@ -38,8 +38,11 @@ class KVCache:
   single `dynamic_update_slice`.
   """
 
-  keys: tuple[Array, ...]  # each [B, S, KVH, D]
-  values: tuple[Array, ...]  # each [B, S, KVH, D]
+  # Heads before slots: attention contracts over D and S with (B, KVH) as batch dims, so
+  # this is the layout XLA's dot wants; [B, S, KVH, D] made it transpose the whole cache in
+  # every layer of every decode step (measured 1.2-1.5x slower decode on CPU).
+  keys: tuple[Array, ...]  # each [B, KVH, S, D]
+  values: tuple[Array, ...]  # each [B, KVH, S, D]
   segment_ids: Array  # [B, S] int32
   index: Array  # [] int32
 
@@ -49,7 +52,7 @@ class KVCache:
 
   @classmethod
   def empty(cls, config: ModelConfig, batch: int, max_len: int) -> "KVCache":
-    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     zeros = lambda: jnp.zeros(shape, config.jnp_dtype)
     return cls(
         keys=tuple(zeros() for _ in range(config.num_layers)),
@@ -161,11 +164,12 @@ class Attention(nnx.Module):
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, D]: the cache layout
     new_cache = None
     if layer_cache is not None:
       cached_k, cached_v, index = layer_cache
-      k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, index, 0, 0))
+      k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, 0, index, 0))
+      v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, 0, index, 0))
       new_cache = (k, v)
     mask = attention_mask(q_segments, q_slots, kv_segments)
     out = grouped_attention(q, k, v, mask)
@@ -173,15 +177,15 @@ class Attention(nnx.Module):
 
 
 def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
-  """GQA without repeating k/v. q [B,T,H,D], k/v [B,S,KVH,D], mask [B,T,S] -> [B,T,H,D]."""
+  """GQA without repeating k/v. q [B,T,H,D], k/v [B,KVH,S,D], mask [B,T,S] -> [B,T,H,D]."""
   b, t, h, d = q.shape
-  kvh = k.shape[2]
+  kvh = k.shape[1]
   q = q.reshape(b, t, kvh, h // kvh, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores / math.sqrt(d)
   scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
   return out.reshape(b, t, h, d)
 
 
