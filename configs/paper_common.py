@@ -18,6 +18,10 @@ def paper_config(arg, *, preset: str, task_verifier: str, max_new_tokens: int = 
   c.model.checkpoint = a.checkpoint  # an HF checkpoint directory (required)
   c.model.param_dtype = "float32"  # AdamW and the EMA teacher need f32 master weights
   c.model.dtype = "bfloat16"
+  # 2048 + 8192 (student) and 10240 + 8192 (teacher) tokens per row: keep one layer's
+  # activations (remat) and 1024-query blocks of attention scores at a time.
+  c.model.remat = True
+  c.model.attention_chunk = 1024
   c.data.task = "jsonl"
   c.data.path = a.data
   c.data.options = {"verifier": task_verifier}

@@ -2,7 +2,7 @@
 
     python experiments/bench_train_step.py [--preset llama-3.2-1b] [--rows 8] [--seq 2048]
         [--prompt N] [--teacher-prompt N] [--dtype bfloat16|float32] [--param-dtype ...]
-        [--remat] [--chunk-size 512] [--runs 5] [--warmup 1] [--peak-tflops X]
+        [--remat] [--attention-chunk 512] [--chunk-size 512] [--runs 5] [--warmup 1] [--peak-tflops X]
         [--torch-baseline] [--compile-only] [--json out.json]
 
 What is timed: one call of `make_train_step` with the default `StepConfig` (MOPD distill loss,
@@ -379,6 +379,8 @@ def parse_args(argv=None):
   p.add_argument("--param-dtype", choices=("bfloat16", "float32"), default=None,
                  help="parameter (and AdamW moment, teacher) dtype; default = --dtype")
   p.add_argument("--remat", action="store_true", help="rematerialise each layer in the backward pass")
+  p.add_argument("--attention-chunk", type=int, default=0,
+                 help="attention over blocks of this many queries (ModelConfig.attention_chunk; 0 = dense)")
   p.add_argument("--chunk-size", type=int, default=None, help="loss chunk (default DistillConfig's)")
   p.add_argument("--runs", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
@@ -404,7 +406,8 @@ def main(argv=None) -> None:
   accel = accelerator_present(args)
   dtype = args.dtype or ("bfloat16" if accel else "float32")
   param_dtype = args.param_dtype or dtype
-  cfg = get_preset(args.preset).replace(dtype=dtype, param_dtype=param_dtype, remat=args.remat)
+  cfg = get_preset(args.preset).replace(dtype=dtype, param_dtype=param_dtype, remat=args.remat,
+                                        attention_chunk=args.attention_chunk)
   prompt = args.prompt if args.prompt is not None else args.seq // 4
   shape = Shape(rows=args.rows, prompt=prompt,
                 teacher_prompt=args.teacher_prompt if args.teacher_prompt is not None else 2 * prompt,
@@ -414,7 +417,7 @@ def main(argv=None) -> None:
   flops = model_flops(cfg, shape)
   student_tokens, teacher_tokens = shape.rows * shape.student_len, shape.rows * shape.teacher_len
   print(f"MOPD train step bench: {args.preset} ({cfg.num_params() / 1e9:.3f} B params, {cfg.num_layers} layers), "
-        f"params {param_dtype}, compute {dtype}, remat {cfg.remat}")
+        f"params {param_dtype}, compute {dtype}, remat {cfg.remat}, attention_chunk {cfg.attention_chunk}")
   print(f"rows {shape.rows}: student {shape.prompt} prompt + {shape.response} response = {shape.student_len}, "
         f"teacher {shape.teacher_prompt} + {shape.response} = {shape.teacher_len}; "
         f"{student_tokens} student + {teacher_tokens} teacher tokens per step")
@@ -461,7 +464,7 @@ def main(argv=None) -> None:
       model_flops=flops.model, student_flops=flops.student, teacher_flops=flops.teacher,
       recompute_flops=flops.recompute, peak_tflops=peak, jax=res, torch=torch_result, load=load_note())
   if args.compile_only:
-    line = (f"SUMMARY {args.preset} {shape.rows}x{args.seq} {dtype}/{param_dtype} remat={cfg.remat} compile-only: "
+    line = (f"SUMMARY {args.preset} {shape.rows}x{args.seq} {dtype}/{param_dtype} remat={cfg.remat} attention_chunk={cfg.attention_chunk} compile-only: "
             f"compile {res['compile_s']:.1f} s, states {fmt_bytes(sum(res['state_bytes'].values()))}, "
             f"temps {fmt_bytes(mem.get('temp'))}, live estimate {fmt_bytes(mem.get('live_estimate'))}")
   else:
@@ -476,7 +479,7 @@ def main(argv=None) -> None:
     if res.get("device_peak_bytes") is not None:
       print(f"  device peak memory {fmt_bytes(res['device_peak_bytes'])} of {fmt_bytes(res['device_bytes_limit'])}")
     print(f"  process max RSS {res['max_rss_gib']:.2f} GiB" + (" (incl. the torch baseline)" if torch_result else ""))
-    line = (f"SUMMARY {args.preset} {shape.rows}x{args.seq} {dtype}/{param_dtype} remat={cfg.remat} on {kind}: "
+    line = (f"SUMMARY {args.preset} {shape.rows}x{args.seq} {dtype}/{param_dtype} remat={cfg.remat} attention_chunk={cfg.attention_chunk} on {kind}: "
             f"step {med * 1e3:.1f} ms (min {best * 1e3:.1f}), {student_tokens / med:,.0f} tok/s, "
             f"{tflops:.2f} TFLOP/s" + (f", MFU {100 * tflops / peak:.1f}%" if peak else "")
             + f", compile {res['compile_s']:.1f} s")

@@ -57,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
       tokenizer="",  # "" = the checkpoint's; a path otherwise
       param_dtype="float32",
       dtype="float32",
+      remat=False,  # recompute each layer in the backward pass (long sequences, big models)
+      attention_chunk=0,  # > 0: attention over blocks of this many queries (memory ~ block x keys)
   )
   c.teacher = dict(mode="ema", rate=0.05, external_preset="", external_checkpoint="")
   c.sampling = dict(
@@ -146,6 +148,8 @@ def validate(config, num_devices: int | None = None) -> None:
   _check(config.sampling.temperature > 0, "sampling.temperature",
          "must be > 0 for training (log-probs are taken at the sampling temperature)")
   _check(0.0 < config.sampling.top_p <= 1.0, "sampling.top_p", f"must be in (0, 1], got {config.sampling.top_p}")
+  _check(isinstance(config.model.attention_chunk, int) and config.model.attention_chunk >= 0,
+         "model.attention_chunk", f"must be an int >= 0 (0 = dense attention), got {config.model.attention_chunk!r}")
   _check(config.data.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
   _check(config.train.steps >= 0, "train.steps", "must be >= 0")
   _check(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")

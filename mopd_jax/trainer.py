@@ -38,22 +38,23 @@ class TrainingError(RuntimeError):
 
 
 def load_model_and_tokenizer(preset: str, checkpoint: str, tokenizer_path: str, param_dtype: str, dtype: str,
-                             seed: int):
+                             seed: int, *, remat: bool = False, attention_chunk: int = 0):
   """(model, tokenizer). checkpoint: HF dir, .gguf, "smollm2-gguf", or "" for random init."""
   from mopd_jax import weights
   from mopd_jax.tokenizer import load_tokenizer
 
+  compute = dict(dtype=dtype, remat=bool(remat), attention_chunk=int(attention_chunk))
   if checkpoint:
     path = weights.smollm2_gguf_path() if checkpoint == "smollm2-gguf" else checkpoint
     model, tokenizer = weights.load_pretrained(path, param_dtype=param_dtype)
-    if model.config.dtype != dtype:
-      # Compute dtype is a config switch; rebuild the graph with it, keep the params.
+    if any(getattr(model.config, k) != v for k, v in compute.items()):
+      # How the model computes is a config switch; rebuild the graph with it, keep the params.
       graphdef, state = nnx.split(model)
-      fresh = nnx.eval_shape(lambda: init_model(model.config.replace(dtype=dtype)))
+      fresh = nnx.eval_shape(lambda: init_model(model.config.replace(**compute)))
       nnx.update(fresh, state)
       model = fresh
   else:
-    cfg = get_preset(preset).replace(param_dtype=param_dtype, dtype=dtype)
+    cfg = get_preset(preset).replace(param_dtype=param_dtype, **compute)
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else weights.load_gguf_tokenizer(
         weights.smollm2_gguf_path())
     if cfg.vocab_size < tokenizer.vocab_size:
@@ -293,14 +294,16 @@ def setup(config) -> Run:
         "replicated (mesh.fsdp = mesh.tensor = 1)")
   mesh = sharding.make_mesh(sharding.MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   m = config.model
-  model, tokenizer = load_model_and_tokenizer(m.preset, m.checkpoint, m.tokenizer, m.param_dtype, m.dtype, config.seed)
+  model, tokenizer = load_model_and_tokenizer(m.preset, m.checkpoint, m.tokenizer, m.param_dtype, m.dtype, config.seed,
+                                              remat=m.remat, attention_chunk=m.attention_chunk)
   graphdef, params = nnx.split(model, nnx.Param)
   params = sharding.shard_params(params, mesh)
   step_cfg = step_config(config)
   teacher_graphdef, external_params = None, None
   if config.teacher.mode == "external":
     t_model, t_tok = load_model_and_tokenizer(
-        config.teacher.external_preset, config.teacher.external_checkpoint, "", m.param_dtype, m.dtype, config.seed)
+        config.teacher.external_preset, config.teacher.external_checkpoint, "", m.param_dtype, m.dtype, config.seed,
+        attention_chunk=m.attention_chunk)  # no backward pass through the teacher: no remat
     check_same_tokenizer(tokenizer, t_tok)
     teacher_graphdef, external_params = nnx.split(t_model, nnx.Param)
     external_params = sharding.shard_params(external_params, mesh)

@@ -38,6 +38,7 @@ def tiny(method="mopd", **overrides):
     ({"data.task": "jsonl", "data.path": "/nonexistent/train.jsonl"}, r"config.data.path: .* does not exist"),
     ({"mesh.data": 8, "data.prompts_per_step": 3}, r"config.data.prompts_per_step: 3 prompts per step"),
     ({"teacher.mode": "teleport"}, r"config.teacher.mode: unknown 'teleport'"),
+    ({"model.attention_chunk": -64}, r"config.model.attention_chunk: must be an int >= 0"),
     ({"method": "plain_opd"}, r"config.teacher.mode: method 'plain_opd' needs teacher.mode='external'"),
 ])
 def test_bad_config_fails_before_any_compute(overrides, message):
@@ -51,6 +52,12 @@ def test_bad_config_fails_before_any_compute(overrides, message):
       node[leaf] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c, num_devices=8)
+
+
+def test_model_compute_switches_reach_the_model():
+  model, _ = trainer.load_model_and_tokenizer("tiny-llama", "", "", "float32", "float32", 0,
+                                              remat=True, attention_chunk=64)
+  assert model.config.remat and model.config.attention_chunk == 64
 
 
 def test_external_teacher_with_another_tokenizer_is_refused():

@@ -43,6 +43,10 @@ class ModelConfig:
   param_dtype: str = "float32"  # "float32" | "bfloat16"
   dtype: str = "float32"  # compute dtype; softmax and logits are always float32
   remat: bool = False  # recompute each layer in the backward pass (activation memory ~ one layer)
+  # Query block for memory-bounded attention: with T > attention_chunk queries, scores are
+  # computed (and recomputed in the backward pass) one block at a time, so they take
+  # [B, H, attention_chunk, S] instead of [B, H, T, S]. 0 = dense.
+  attention_chunk: int = 0
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -50,6 +54,8 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"ModelConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    if not (isinstance(self.attention_chunk, int) and self.attention_chunk >= 0):
+      raise ValueError(f"ModelConfig.attention_chunk must be an int >= 0, got {self.attention_chunk!r}")
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in ("float32", "bfloat16"):
         raise ValueError(f"ModelConfig.{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")

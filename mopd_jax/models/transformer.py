@@ -172,7 +172,10 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, 0, index, 0))
       new_cache = (k, v)
     mask = attention_mask(q_segments, q_slots, kv_segments)
-    out = grouped_attention(q, k, v, mask)
+    if 0 < c.attention_chunk < t:
+      out = chunked_grouped_attention(q, k, v, mask, c.attention_chunk)
+    else:
+      out = grouped_attention(q, k, v, mask)
     return self.o_proj(out.reshape(b, t, -1)), new_cache
 
 
@@ -187,6 +190,26 @@ def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
   return out.reshape(b, t, h, d)
+
+
+def chunked_grouped_attention(q: Array, k: Array, v: Array, mask: Array, chunk: int) -> Array:
+  """`grouped_attention` one block of `chunk` queries at a time.
+
+  Each block is checkpointed, so the backward pass keeps only the block's inputs and
+  recomputes its [B, H, chunk, S] scores: attention memory no longer grows with T x S.
+  Every query still sees every key, so no running softmax is needed (unlike flash attention,
+  which also blocks the keys). A last partial block is padded with fully masked queries.
+  """
+  b, t, h, d = q.shape
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+  q_blocks = q.reshape(b, n, chunk, h, d).swapaxes(0, 1)  # [n, B, chunk, H, D]
+  mask_blocks = mask.reshape(b, n, chunk, -1).swapaxes(0, 1)  # [n, B, chunk, S]
+  block = jax.checkpoint(lambda qm: grouped_attention(qm[0], k, v, qm[1]))
+  out = jax.lax.map(block, (q_blocks, mask_blocks))  # [n, B, chunk, H, D]
+  return out.swapaxes(0, 1).reshape(b, n * chunk, h, d)[:, :t]
 
 
 class MLP(nnx.Module):
