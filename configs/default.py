@@ -30,6 +30,12 @@ def get_config(arg: str | None = None):
   c.data.response_buckets = (64,)
   c.data.teacher_prompt_buckets = (256,)
   c.mopd.overrides = {"max_teacher_prompt_len": 200, "truncation": "right"}
+  if a.method == "mopd":
+    # The math verifier's feedback repeats the wrong answer ("final answer 189 is incorrect"),
+    # and this 135M self-teacher copies it: under feedback-only contexts it raised the wrong
+    # answer's digits by +0.26 nats on average, under the failure peer alone it lowered them
+    # by -0.63 (experiments/README.md, "Why MOPD does not help SmolLM2-135M here").
+    c.mopd.overrides["include_feedback"] = False
   c.sampling.group_size = 4
   c.sampling.max_new_tokens = 64
   # SmolLM2-135M rambles at temperature 1 (the paper's value for 4B-14B models); 0.7 keeps
