@@ -89,6 +89,9 @@ def main() -> int:
         st.failures += 1
         if len(st.first_problems) < 3:
           st.first_problems.append(f"iter {it}: {problems}")
+        # At once, with the load: a verdict that flips under load must be diagnosable.
+        print(f"  problem in {case.name} (iteration {it + 1}, {time.monotonic() - t0:.1f} s, load "
+              f"{os.getloadavg()[0]:.1f}): {problems}", flush=True)
     bad = sum(s.failures for s in stats.values())
     print(f"iteration {it + 1}/{args.n}: {time.monotonic() - t_it:.1f} s, "
           f"cases with problems so far: {bad}", flush=True)
