@@ -97,11 +97,10 @@ def main(argv=None) -> None:
   print(f"{args.preset}: {len(shapes)} matmuls per decode step at {args.rows} rows, {gflop:.2f} GFLOP, "
         f"float32, devices: {jax.devices()[0].platform} x{jax.device_count()}")
   import torch
+  default_threads = torch.get_num_threads()  # before time_torch changes it
   results = {"xla (all cores)": time_xla(shapes, args.rows, args.runs),
              "torch 1 thread": time_torch(shapes, args.rows, args.runs, 1),
-             f"torch {torch.get_num_threads()} threads (default)": None}
-  default_threads = torch.get_num_threads()
-  results[f"torch {default_threads} threads (default)"] = time_torch(shapes, args.rows, args.runs, default_threads)
+             f"torch {default_threads} threads (default)": time_torch(shapes, args.rows, args.runs, default_threads)}
   for name, (ms, runs) in results.items():
     print(f"  {name:28s} median {ms:8.1f} ms  {gflop / ms * 1e3:6.1f} GFLOP/s  "
           f"(runs: {', '.join(f'{t:.1f}' for t in runs)})")
