@@ -578,6 +578,36 @@ def test_verdicts_are_deterministic():
 
 
 @needs_root
+@pytest.mark.parametrize("name", ["c_stall_bigint", "infinite_loop", "fork_bomb_os_fork"])
+def test_timeouts_are_reported_when_the_caller_was_starved(name, monkeypatch):
+  """The caller's first wait lasts past every deadline (as when a busy machine deschedules it),
+  so it reads the launcher's whole report, "done" included, before checking its own deadline.
+  The verdict must still say "timed out", as on an idle machine (a stress run at load 8 once
+  saw c_stall_bigint come back as "exited while loading")."""
+  import selectors
+  import time
+
+  class StarvedSelector(selectors.DefaultSelector):
+    payload_sent = starved = False
+
+    def unregister(self, fileobj):  # the caller unregisters stdin once the payload is written
+      StarvedSelector.payload_sent = True
+      return super().unregister(fileobj)
+
+    def select(self, timeout=None):
+      if StarvedSelector.payload_sent and not StarvedSelector.starved:
+        StarvedSelector.starved = True
+        time.sleep(TIMEOUT_S + 3.0)
+      return super().select(timeout)
+
+  monkeypatch.setattr(sandbox.selectors, "DefaultSelector", StarvedSelector)
+  case = next(c for c in CASES if c.name == name)
+  verdict, problems = run_case(case)
+  assert StarvedSelector.starved
+  assert not problems, (problems, verdict)
+
+
+@needs_root
 def test_probes_find_their_target_when_it_is_visible():
   """Positive controls: the steal and env probes above are not vacuous."""
   token = "EXPECTED_" + secrets.token_hex(16)
