@@ -58,7 +58,7 @@ from jax.sharding import Mesh
 
 from mopd_jax import sharding
 from mopd_jax.models.config import ModelConfig
-from mopd_jax.models.transformer import KVCache, Transformer, positions_from_segments
+from mopd_jax.models.transformer import KVCache, Transformer, left_padded_segments, positions_from_segments
 
 Array = jax.Array
 ModelLike = Union[Transformer, tuple[nnx.GraphDef, nnx.State]]
@@ -322,7 +322,7 @@ def _prefill(
   model = nnx.merge(graphdef, state)
   config: ModelConfig = model.config
   b, lp = tokens.shape
-  segments = (jnp.arange(lp)[None, :] >= (lp - prompt_lengths)[:, None]).astype(jnp.int32)
+  segments = left_padded_segments(prompt_lengths, lp)
   cache = KVCache.empty(config, b, lp + generation_len)
   cache = sharding.constrain_cache(cache, mesh, config.num_kv_heads)
   out = model(tokens, positions_from_segments(segments), segments, cache, return_logits=False)

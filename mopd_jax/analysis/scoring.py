@@ -51,7 +51,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mopd_jax import losses, sharding
-from mopd_jax.models.transformer import KVCache, Transformer, positions_from_segments
+from mopd_jax.models.transformer import (
+    KVCache, Transformer, left_padded_segments, positions_from_segments, right_padded_segments)
 from mopd_jax.sampling import power_of_two_buckets
 
 Array = jax.Array
@@ -123,7 +124,7 @@ def _prefill_contexts(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, l
   """tokens [C, Lc] left-padded, lengths [C] -> each context's cache and last hidden state."""
   model = nnx.merge(graphdef, state)
   c, lc = tokens.shape
-  segments = (jnp.arange(lc)[None, :] >= (lc - lengths)[:, None]).astype(jnp.int32)
+  segments = left_padded_segments(lengths, lc)
   cache = sharding.constrain_cache(KVCache.empty(model.config, c, lc), mesh, model.config.num_kv_heads)
   out = model(tokens, positions_from_segments(segments), segments, cache, return_logits=False)
   cache = sharding.constrain_cache(out.cache, mesh, model.config.num_kv_heads)
@@ -161,7 +162,7 @@ def _score_continuations(
   model = nnx.merge(graphdef, state)
   lr = tokens.shape[1]
   cache = sharding.constrain_cache(_gather_rows(contexts.cache, rows, lr), mesh, model.config.num_kv_heads)
-  segments = (jnp.arange(lr)[None, :] < lengths[:, None]).astype(jnp.int32)
+  segments = right_padded_segments(lengths, lr)
   positions = context_lengths[:, None] + jnp.arange(lr)[None, :]
   out = model(tokens, positions, segments, cache, return_logits=False)
   # Token 0 is predicted by the context's last position, token t by response position t - 1.
@@ -189,7 +190,7 @@ def _score_concatenated(
   model = nnx.merge(graphdef, state)
   length = tokens.shape[1]
   total = context_lengths + response_lengths
-  segments = (jnp.arange(length)[None, :] < total[:, None]).astype(jnp.int32)
+  segments = right_padded_segments(total, length)
   out = model(tokens, positions_from_segments(segments), segments, return_logits=False)
   t = jnp.arange(response_len)[None, :]
   predict_at = jnp.clip(context_lengths[:, None] - 1 + t, 0, length - 1)

@@ -310,6 +310,16 @@ class Transformer(nnx.Module):
     return ModelOutput(hidden=hidden, logits=logits, cache=new_cache)
 
 
+def left_padded_segments(lengths: Array, width: int) -> Array:
+  """[B, width] int32 segment ids of left-padded rows: 1 on each row's last lengths[b] slots."""
+  return (jnp.arange(width)[None, :] >= (width - lengths)[:, None]).astype(jnp.int32)
+
+
+def right_padded_segments(lengths: Array, width: int) -> Array:
+  """[B, width] int32 segment ids of right-padded rows: 1 on each row's first lengths[b] slots."""
+  return (jnp.arange(width)[None, :] < lengths[:, None]).astype(jnp.int32)
+
+
 def positions_from_segments(segment_ids: Array) -> Array:
   """RoPE positions restarting at 0 at the start of each segment (padding gets 0).
 
