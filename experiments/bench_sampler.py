@@ -3,6 +3,7 @@
   python experiments/bench_sampler.py                       # CPU: 8x8 and 32x8, 64 + 64 tokens
   python experiments/bench_sampler.py --device gpu          # GPU: 8x8 and 32x8, 128 + 256, bf16
   python experiments/bench_sampler.py --shapes 8x8 --prompt-len 128 --new-tokens 128 --runs 5
+  python experiments/bench_sampler.py --device gpu --shapes 8x8 --no-hf --profile /tmp/prof
 
 A shape BxG is B prompts x G samples each (B*G rows). Both sides sample at temperature 1 with
 no top-k / top-p over the full vocabulary, EOS disabled, so every row generates exactly
@@ -20,6 +21,8 @@ the faster of 1 thread and torch's default, measured on 3 decode steps of the re
 ms/step is the decode phase only: ours (total - median prefill) / (new_tokens - 1), with the
 prefill (`_prefill`, B x L tokens) timed on its own; HF from per-step timestamps taken by a
 stopping criterion (first to last step). float32 on CPU, bfloat16 on GPU (both sides).
+`--profile DIR` traces one more call of ours per shape and prints the device ops that took
+the most time (experiments/profile_summary.py).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--runs", type=int, default=3)
   p.add_argument("--preset", default="smollm2-135m")
   p.add_argument("--no-hf", action="store_true", help="only time the JAX sampler")
+  p.add_argument("--profile", default=None, help="trace one more call of ours per shape into this directory")
   p.add_argument("--torch-threads", default="auto",
                  help="CPU threads for torch: an int, 'default' (torch's choice), or 'auto': "
                       "whichever of 1 and torch's default decodes faster here")
@@ -205,6 +209,14 @@ def main(argv=None) -> None:
       print(f"#   {shape} run {run}: ours {ours_s[-1]:.2f} s" +
             (f", HF {hf_s[-1]:.2f} s" if hf_s else ""), flush=True)
     prefill_s = statistics.median(prefill() for _ in range(args.runs))
+    if args.profile:
+      from profile_summary import print_top_ops, trace_files
+      trace_dir = os.path.join(args.profile, shape)
+      jax.profiler.start_trace(trace_dir)
+      ours(seed=1000)
+      jax.profiler.stop_trace()
+      for path in trace_files(trace_dir):
+        print_top_ops(path, steps=new_tokens)
     t = statistics.median(ours_s)
     rows_tokens = b * g * new_tokens
     line = (f"{shape:>6} {b * g:>5} | {t:8.2f} {rows_tokens / t:8.0f} "

@@ -2,8 +2,9 @@
 
     python experiments/bench_train_step.py [--preset llama-3.2-1b] [--rows 8] [--seq 2048]
         [--prompt N] [--teacher-prompt N] [--dtype bfloat16|float32] [--param-dtype ...]
-        [--remat] [--attention-chunk 512] [--chunk-size 512] [--runs 5] [--warmup 1] [--peak-tflops X]
-        [--torch-baseline] [--compile-only] [--json out.json]
+        [--remat] [--attention-chunk 512] [--attention-impl xla|cudnn] [--chunk-size 512] [--runs 5]
+        [--warmup 1] [--peak-tflops X] [--torch-baseline] [--compile-only] [--json out.json]
+        [--profile DIR]
 
 What is timed: one call of `make_train_step` with the default `StepConfig` (MOPD distill loss,
 top-k 100 with a tail category, alpha 0.5, EMA teacher): student forward + backward on
@@ -35,6 +36,9 @@ Model FLOPs per step (counted once: no rematerialisation, no masked-out work ski
   MFU = model FLOPs / step time / peak (989 TFLOP/s dense bf16 on H100/H200, auto; else
   --peak-tflops). XLA's own count (`compiled.cost_analysis()`) is printed for comparison; it
   counts a while-loop body once, so the lax.map over loss chunks is under-counted.
+
+`--profile DIR` traces one more step with `jax.profiler` after the timed runs and prints the
+device ops that took the most time (experiments/profile_summary.py reads the trace again).
 
 Memory: on GPU the device's peak_bytes_in_use; everywhere the compiled executable's
 memory_analysis (arguments, outputs, aliased, temporaries) and the state sizes.
@@ -354,6 +358,14 @@ def run_jax(cfg: ModelConfig, shape: Shape, batch_np: TrainBatch, args) -> dict[
   result.update(times_s=times, median_s=statistics.median(times), min_s=min(times),
                 loss=float(metrics.loss), grad_norm=float(metrics.grad_norm),
                 update_applied=float(metrics.update_applied), optimizer_steps=int(state.step))
+  if args.profile:
+    from profile_summary import print_top_ops, trace_files
+    jax.profiler.start_trace(args.profile)
+    state, teacher, metrics = compiled(state, teacher, batch, rng)
+    jax.block_until_ready((state, teacher, metrics))
+    jax.profiler.stop_trace()
+    for path in trace_files(args.profile):
+      print_top_ops(path, steps=1)
   stats = jax.devices()[0].memory_stats() or {}
   result["device_peak_bytes"] = stats.get("peak_bytes_in_use")
   result["device_bytes_limit"] = stats.get("bytes_limit")
@@ -381,6 +393,8 @@ def parse_args(argv=None):
   p.add_argument("--remat", action="store_true", help="rematerialise each layer in the backward pass")
   p.add_argument("--attention-chunk", type=int, default=0,
                  help="attention over blocks of this many queries (ModelConfig.attention_chunk; 0 = dense)")
+  p.add_argument("--attention-impl", choices=("xla", "cudnn"), default="xla",
+                 help="ModelConfig.attention_impl: cudnn = fused flash attention (NVIDIA GPUs)")
   p.add_argument("--chunk-size", type=int, default=None, help="loss chunk (default DistillConfig's)")
   p.add_argument("--runs", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
@@ -389,6 +403,7 @@ def parse_args(argv=None):
   p.add_argument("--torch-baseline", action="store_true")
   p.add_argument("--compile-only", action="store_true", help="abstract states: compile and report memory only")
   p.add_argument("--json", default=None, help="write the results here")
+  p.add_argument("--profile", default=None, help="trace one extra step into this directory and summarise it")
   return p.parse_args(argv)
 
 
@@ -407,7 +422,7 @@ def main(argv=None) -> None:
   dtype = args.dtype or ("bfloat16" if accel else "float32")
   param_dtype = args.param_dtype or dtype
   cfg = get_preset(args.preset).replace(dtype=dtype, param_dtype=param_dtype, remat=args.remat,
-                                        attention_chunk=args.attention_chunk)
+                                        attention_chunk=args.attention_chunk, attention_impl=args.attention_impl)
   prompt = args.prompt if args.prompt is not None else args.seq // 4
   shape = Shape(rows=args.rows, prompt=prompt,
                 teacher_prompt=args.teacher_prompt if args.teacher_prompt is not None else 2 * prompt,
@@ -417,7 +432,7 @@ def main(argv=None) -> None:
   flops = model_flops(cfg, shape)
   student_tokens, teacher_tokens = shape.rows * shape.student_len, shape.rows * shape.teacher_len
   print(f"MOPD train step bench: {args.preset} ({cfg.num_params() / 1e9:.3f} B params, {cfg.num_layers} layers), "
-        f"params {param_dtype}, compute {dtype}, remat {cfg.remat}, attention_chunk {cfg.attention_chunk}")
+        f"params {param_dtype}, compute {dtype}, remat {cfg.remat}, attention_chunk {cfg.attention_chunk}, attention_impl {cfg.attention_impl}")
   print(f"rows {shape.rows}: student {shape.prompt} prompt + {shape.response} response = {shape.student_len}, "
         f"teacher {shape.teacher_prompt} + {shape.response} = {shape.teacher_len}; "
         f"{student_tokens} student + {teacher_tokens} teacher tokens per step")
@@ -460,11 +475,12 @@ def main(argv=None) -> None:
   summary: dict[str, Any] = dict(
       preset=args.preset, rows=shape.rows, seq=args.seq, prompt=shape.prompt, teacher_prompt=shape.teacher_prompt,
       response=shape.response, dtype=dtype, param_dtype=param_dtype, remat=cfg.remat,
+      attention_chunk=cfg.attention_chunk, attention_impl=cfg.attention_impl,
       chunk_size=args.chunk_size, device=kind, backend=jax.default_backend(), jax_version=jax.__version__,
       model_flops=flops.model, student_flops=flops.student, teacher_flops=flops.teacher,
       recompute_flops=flops.recompute, peak_tflops=peak, jax=res, torch=torch_result, load=load_note())
   if args.compile_only:
-    line = (f"SUMMARY {args.preset} {shape.rows}x{args.seq} {dtype}/{param_dtype} remat={cfg.remat} attention_chunk={cfg.attention_chunk} compile-only: "
+    line = (f"SUMMARY {args.preset} {shape.rows}x{args.seq} {dtype}/{param_dtype} remat={cfg.remat} attention_chunk={cfg.attention_chunk} attention={cfg.attention_impl} compile-only: "
             f"compile {res['compile_s']:.1f} s, states {fmt_bytes(sum(res['state_bytes'].values()))}, "
             f"temps {fmt_bytes(mem.get('temp'))}, live estimate {fmt_bytes(mem.get('live_estimate'))}")
   else:
@@ -479,7 +495,7 @@ def main(argv=None) -> None:
     if res.get("device_peak_bytes") is not None:
       print(f"  device peak memory {fmt_bytes(res['device_peak_bytes'])} of {fmt_bytes(res['device_bytes_limit'])}")
     print(f"  process max RSS {res['max_rss_gib']:.2f} GiB" + (" (incl. the torch baseline)" if torch_result else ""))
-    line = (f"SUMMARY {args.preset} {shape.rows}x{args.seq} {dtype}/{param_dtype} remat={cfg.remat} attention_chunk={cfg.attention_chunk} on {kind}: "
+    line = (f"SUMMARY {args.preset} {shape.rows}x{args.seq} {dtype}/{param_dtype} remat={cfg.remat} attention_chunk={cfg.attention_chunk} attention={cfg.attention_impl} on {kind}: "
             f"step {med * 1e3:.1f} ms (min {best * 1e3:.1f}), {student_tokens / med:,.0f} tok/s, "
             f"{tflops:.2f} TFLOP/s" + (f", MFU {100 * tflops / peak:.1f}%" if peak else "")
             + f", compile {res['compile_s']:.1f} s")

@@ -12,9 +12,11 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
 from mopd_jax import losses, peers
+from mopd_jax.models.config import ATTENTION_IMPLS
 from mopd_jax.train_step import METHOD_KINDS, TEACHER_MODES
 
 
@@ -59,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
       dtype="float32",
       remat=False,  # recompute each layer in the backward pass (long sequences, big models)
       attention_chunk=0,  # > 0: attention over blocks of this many queries (memory ~ block x keys)
+      attention_impl="xla",  # "cudnn": fused flash attention for full sequences on NVIDIA GPUs
   )
   c.teacher = dict(mode="ema", rate=0.05, external_preset="", external_checkpoint="")
   c.sampling = dict(
@@ -150,6 +153,10 @@ def validate(config, num_devices: int | None = None) -> None:
   _check(0.0 < config.sampling.top_p <= 1.0, "sampling.top_p", f"must be in (0, 1], got {config.sampling.top_p}")
   _check(isinstance(config.model.attention_chunk, int) and config.model.attention_chunk >= 0,
          "model.attention_chunk", f"must be an int >= 0 (0 = dense attention), got {config.model.attention_chunk!r}")
+  _check(config.model.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+         f"must be one of {ATTENTION_IMPLS}, got {config.model.attention_impl!r}")
+  _check(config.model.attention_impl != "cudnn" or jax.default_backend() == "gpu", "model.attention_impl",
+         f"'cudnn' needs an NVIDIA GPU backend; this process runs on {jax.default_backend()!r}")
   _check(config.data.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
   _check(config.train.steps >= 0, "train.steps", "must be >= 0")
   _check(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")

@@ -38,12 +38,13 @@ class TrainingError(RuntimeError):
 
 
 def load_model_and_tokenizer(preset: str, checkpoint: str, tokenizer_path: str, param_dtype: str, dtype: str,
-                             seed: int, *, remat: bool = False, attention_chunk: int = 0):
+                             seed: int, *, remat: bool = False, attention_chunk: int = 0,
+                             attention_impl: str = "xla"):
   """(model, tokenizer). checkpoint: HF dir, .gguf, "smollm2-gguf", or "" for random init."""
   from mopd_jax import weights
   from mopd_jax.tokenizer import load_tokenizer
 
-  compute = dict(dtype=dtype, remat=bool(remat), attention_chunk=int(attention_chunk))
+  compute = dict(dtype=dtype, remat=bool(remat), attention_chunk=int(attention_chunk), attention_impl=attention_impl)
   if checkpoint:
     path = weights.smollm2_gguf_path() if checkpoint == "smollm2-gguf" else checkpoint
     model, tokenizer = weights.load_pretrained(path, param_dtype=param_dtype)
@@ -295,7 +296,8 @@ def setup(config) -> Run:
   mesh = sharding.make_mesh(sharding.MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   m = config.model
   model, tokenizer = load_model_and_tokenizer(m.preset, m.checkpoint, m.tokenizer, m.param_dtype, m.dtype, config.seed,
-                                              remat=m.remat, attention_chunk=m.attention_chunk)
+                                              remat=m.remat, attention_chunk=m.attention_chunk,
+                                              attention_impl=m.attention_impl)
   graphdef, params = nnx.split(model, nnx.Param)
   params = sharding.shard_params(params, mesh)
   step_cfg = step_config(config)
@@ -303,7 +305,7 @@ def setup(config) -> Run:
   if config.teacher.mode == "external":
     t_model, t_tok = load_model_and_tokenizer(
         config.teacher.external_preset, config.teacher.external_checkpoint, "", m.param_dtype, m.dtype, config.seed,
-        attention_chunk=m.attention_chunk)  # no backward pass through the teacher: no remat
+        attention_chunk=m.attention_chunk, attention_impl=m.attention_impl)  # no backward: no remat
     check_same_tokenizer(tokenizer, t_tok)
     teacher_graphdef, external_params = nnx.split(t_model, nnx.Param)
     external_params = sharding.shard_params(external_params, mesh)

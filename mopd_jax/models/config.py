@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 Family = Literal["llama", "qwen2", "qwen3"]
 FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
+ATTENTION_IMPLS: tuple[str, ...] = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,10 @@ class ModelConfig:
   # computed (and recomputed in the backward pass) one block at a time, so they take
   # [B, H, attention_chunk, S] instead of [B, H, T, S]. 0 = dense.
   attention_chunk: int = 0
+  # "xla": attention as plain einsums (every backend; the decode path always uses it).
+  # "cudnn": cuDNN's fused flash attention for full-sequence calls (training, scoring,
+  # prefill without a cache) on NVIDIA GPUs; it never forms the [B, H, T, S] scores.
+  attention_impl: str = "xla"
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -56,6 +61,8 @@ class ModelConfig:
           f"ModelConfig: num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if not (isinstance(self.attention_chunk, int) and self.attention_chunk >= 0):
       raise ValueError(f"ModelConfig.attention_chunk must be an int >= 0, got {self.attention_chunk!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in ("float32", "bfloat16"):
         raise ValueError(f"ModelConfig.{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")

@@ -164,6 +164,9 @@ class Attention(nnx.Module):
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    if layer_cache is None and c.attention_impl == "cudnn":
+      out = cudnn_attention(q, k, v, q_segments)
+      return self.o_proj(out.reshape(b, t, -1)), None
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, D]: the cache layout
     new_cache = None
     if layer_cache is not None:
@@ -190,6 +193,24 @@ def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
   return out.reshape(b, t, h, d)
+
+
+def cudnn_attention(q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
+  """cuDNN flash attention over one full sequence per row (no cache): causal, and a query
+  sees only keys of its own non-zero segment. q [B,T,H,D], k/v [B,T,KVH,D] -> [B,T,H,D].
+
+  The segment rule goes in as a [B, 1, T, T] boolean mask, which JAX turns into an additive
+  bias broadcast over heads (read per tile, never a [B, H, T, T] tensor); `is_causal` lets
+  cuDNN skip the blocks above the diagonal. Padding queries see no key and get a uniform
+  average of values (finite; their outputs are masked out downstream, as on the XLA path).
+  """
+  if jax.default_backend() != "gpu":
+    raise ValueError(
+        f"ModelConfig.attention_impl='cudnn' needs an NVIDIA GPU backend; this process runs on "
+        f"{jax.default_backend()!r}: use attention_impl='xla'")
+  same_segment = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=same_segment[:, None], is_causal=True, implementation="cudnn")
 
 
 def chunked_grouped_attention(q: Array, k: Array, v: Array, mask: Array, chunk: int) -> Array:
