@@ -22,11 +22,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 $PY -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
 
-TAIL=8 step 01_gpu_tests 90 env JAX_PLATFORMS=cuda $PY -m pytest -q -s -p no:cacheprovider tests/test_gpu.py
-TAIL=40 step 02_train_cudnn 190 $PY experiments/bench_train_step.py --attention-impl cudnn --torch-baseline \
+TAIL=8 step 01_gpu_tests 100 env JAX_PLATFORMS=cuda $PY -m pytest -q -s -p no:cacheprovider tests/test_gpu.py \
+  tests/test_losses.py -k "cudnn or top_k or bf16_logits"
+TAIL=40 step 02_train_cudnn 150 $PY experiments/bench_train_step.py --attention-impl cudnn --torch-baseline \
   --runs 5 --json "$OUT/train_cudnn.json" --profile /tmp/prof_train
-TAIL=40 step 03_sampler 140 $PY experiments/bench_sampler.py --device gpu --shapes 8x8 --prompt-len 128 \
-  --new-tokens 128 --runs 3 --profile /tmp/prof_sampler
-TAIL=12 step 04_train_xla_remat 120 $PY experiments/bench_train_step.py --remat --attention-chunk 512 --runs 3 \
-  --json "$OUT/train_xla_remat.json"
+TAIL=16 step 03_sampler 150 $PY experiments/bench_sampler.py --device gpu --shapes 8x8,32x8 --prompt-len 128 \
+  --new-tokens 128 --runs 3
 echo "=== done after $SECONDS s"

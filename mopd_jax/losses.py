@@ -77,9 +77,37 @@ def tail_log_mass(topk_logp: Array) -> Array:
   return jnp.log(-jnp.expm1(lse))
 
 
+def top_k(x: Array, k: int) -> tuple[Array, Array]:
+  """`lax.top_k` over the last axis, exact, in two cheap stages when the axis is wide.
+
+  Why: on GPU, XLA has a TopK kernel only for k <= 16; k = 100 over a 128k vocabulary
+  becomes a full segmented radix sort of every row (103 of 502 ms in the 1B train step on an
+  H100, experiments/README.md). Here the last axis is cut into blocks of b; the k blocks
+  with the largest maxima hold the k largest values (every other block's maximum is <= the
+  k-th largest block maximum <= the k-th largest value), so one top-k over V/b block maxima
+  and one over the k*b gathered candidates replace the sort over V.
+  Values are exactly `lax.top_k`'s; ids too, except among exactly equal values, where
+  either may name a different one of the tied ids.
+  """
+  v = x.shape[-1]
+  block = 1 << max(4, round(math.log2(math.sqrt(v / k))))  # about minimises V/b + k*b
+  n_blocks = -(-v // block)
+  if v < 8192 or n_blocks < 2 * k:
+    return lax.top_k(x, k)
+  lead = x.shape[:-1]
+  padded = jnp.pad(x, [(0, 0)] * len(lead) + [(0, n_blocks * block - v)], constant_values=-jnp.inf)
+  blocks = padded.reshape(*lead, n_blocks, block)
+  _, best_blocks = lax.top_k(jnp.max(blocks, axis=-1), k)
+  best_blocks = jnp.sort(best_blocks, axis=-1)  # candidates in id order: ties go to the lower id
+  candidates = jnp.take_along_axis(blocks, best_blocks[..., None], axis=-2).reshape(*lead, k * block)
+  values, where = lax.top_k(candidates, k)
+  ids = jnp.take_along_axis(best_blocks, where // block, axis=-1) * block + where % block
+  return values, ids
+
+
 def student_topk_ids(student_logp: Array, k: int) -> Array:
   """Ids of the student's k most likely tokens (no gradient flows through ids)."""
-  _, ids = lax.top_k(lax.stop_gradient(student_logp), k)
+  _, ids = top_k(lax.stop_gradient(student_logp), k)
   return ids
 
 
@@ -184,9 +212,37 @@ TeacherLogitFn = Callable[[PyTree, PyTree], Array]
 
 
 def linear_logits(hidden: Array, unembed: Array) -> Array:
-  """hidden [..., D] @ unembed [D, V], accumulated in at least float32."""
+  """hidden [..., D] @ unembed [D, V], accumulated in at least float32.
+
+  With bfloat16 (or float16) hidden and unembed, the backward products take the float32
+  logit cotangent rounded to that dtype, as every other matmul of the model does: left to
+  autodiff, the mixed float32 x bfloat16 products ran as float32 (TF32) GEMMs, 40 ms of the
+  1B train step on an H100 (experiments/README.md). Accumulation stays float32.
+  """
+  if hidden.dtype == unembed.dtype and jnp.finfo(hidden.dtype).bits < 32:
+    return _low_precision_logits(hidden, unembed)
   out = jnp.promote_types(jnp.result_type(hidden, unembed), jnp.float32)
   return jnp.einsum("...d,dv->...v", hidden, unembed, preferred_element_type=out)
+
+
+@jax.custom_vjp
+def _low_precision_logits(hidden: Array, unembed: Array) -> Array:
+  return jnp.einsum("...d,dv->...v", hidden, unembed, preferred_element_type=jnp.float32)
+
+
+def _low_precision_logits_fwd(hidden, unembed):
+  return _low_precision_logits(hidden, unembed), (hidden, unembed)
+
+
+def _low_precision_logits_bwd(residuals, g):
+  hidden, unembed = residuals
+  g = g.astype(hidden.dtype)
+  d_hidden = jnp.einsum("...v,dv->...d", g, unembed, preferred_element_type=jnp.float32)
+  d_unembed = jnp.einsum("...d,...v->dv", hidden, g, preferred_element_type=jnp.float32)
+  return d_hidden.astype(hidden.dtype), d_unembed.astype(unembed.dtype)
+
+
+_low_precision_logits.defvjp(_low_precision_logits_fwd, _low_precision_logits_bwd)
 
 
 def trust_region_logit_fn(rate: float) -> TeacherLogitFn:

@@ -670,3 +670,54 @@ def test_chunked_loss_memory_at_8k_by_152k():
   assert temp < 8 * chunk * vocab * 4
   assert temp < full / 4
   assert abs(temp - temp_short) < 0.1 * temp_short
+
+
+# ------------------------------------------------------------------ GPU-shaped kernels
+
+
+@pytest.mark.parametrize("shape, k", [((6, 49152), 100), ((2, 3, 128256), 100), ((4, 20000), 37),
+                                      ((5, 9000), 100), ((3, 1000), 100)])
+def test_two_stage_top_k_equals_lax_top_k(shape, k):
+  rng = np.random.default_rng(sum(shape) + k)
+  x = rng.standard_normal(shape).astype(np.float32)
+  # Row 0: the k largest values all inside one block, so a block gives many winners.
+  x.reshape(-1, shape[-1])[0, 64:64 + k] = 10.0 + np.arange(k)
+  values, ids = jax.jit(lambda a: L.top_k(a, k))(jnp.asarray(x))
+  ref_values, ref_ids = jax.lax.top_k(jnp.asarray(x), k)
+  np.testing.assert_array_equal(values, ref_values)
+  np.testing.assert_array_equal(ids, ref_ids)
+
+
+def test_two_stage_top_k_with_ties_returns_the_same_values():
+  x = np.round(np.random.default_rng(1).standard_normal((4, 65536)), 1).astype(np.float32)  # many ties
+  values, ids = L.top_k(jnp.asarray(x), 100)
+  np.testing.assert_array_equal(values, jax.lax.top_k(jnp.asarray(x), 100)[0])
+  np.testing.assert_array_equal(np.take_along_axis(x, np.asarray(ids), -1), values)  # ids name those values
+  assert all(len(set(row)) == 100 for row in np.asarray(ids).tolist())
+
+
+def test_bf16_logits_backward_runs_in_bf16_and_matches_float32():
+  rng = np.random.default_rng(2)
+  h = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((64, 512)) * 0.1, jnp.bfloat16)
+  g = jnp.asarray(rng.standard_normal((2, 8, 512)), jnp.float32)
+  loss = lambda h, w: jnp.sum(L.linear_logits(h, w) * g)
+  # Every product in the backward pass takes bfloat16 operands (no float32 / TF32 GEMM).
+  def dots(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name == "dot_general":
+        yield e
+      for value in e.params.values():
+        inner = getattr(value, "jaxpr", value)
+        if hasattr(inner, "eqns"):
+          yield from dots(inner)
+  found = list(dots(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(h, w).jaxpr))
+  assert len(found) == 3 and all(v.aval.dtype == jnp.bfloat16 for e in found for v in e.invars), found
+  dh, dw = jax.grad(loss, argnums=(0, 1))(h, w)
+  rh, rw = jax.grad(loss, argnums=(0, 1))(h.astype(jnp.float32), w.astype(jnp.float32))
+  assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+  for got, ref in ((dh, rh), (dw, rw)):
+    ref = np.asarray(ref, np.float64)
+    assert np.linalg.norm(np.asarray(got, np.float64) - ref) / np.linalg.norm(ref) < 1e-2
+  np.testing.assert_array_equal(L.linear_logits(h, w),
+                                jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32))
