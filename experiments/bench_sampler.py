@@ -10,8 +10,8 @@ no top-k / top-p over the full vocabulary, EOS disabled, so every row generates 
 `--new-tokens` tokens. Ours: `mopd_jax.sampling.sample` (prefill each prompt once, repeat the
 cache G times, decode in a jitted while loop), timed end to end including the copy of tokens
 and log-probs to the host; compilation is excluded (one untimed call per shape).
-HF: `model.generate(..., num_return_sequences=G)`, which prefills all B*G rows; one small
-untimed warm-up. Runs alternate (ours, HF, ours, HF, ...) so both see the same machine load;
+HF: `model.generate(..., num_return_sequences=G)`, which prefills all B*G rows; one untimed
+8-token warm-up on the same batch. Runs alternate (ours, HF, ours, HF, ...) so both see the same machine load;
 the medians of `--runs` runs are reported.
 
 On a CPU shared with other jobs, torch's OpenMP threads can spin against the other
@@ -198,7 +198,9 @@ def main(argv=None) -> None:
     ours(seed=100)  # compile
     prefill()
     if hf is not None:
-      _time_hf(hf, prompts[:1], 2, 2, device)  # warm-up
+      # Warm-up on the full batch: on an H100 a 1-prompt warm-up left transformers' first timed
+      # run 3-4x slower than its later ones (experiments/README.md, "GPU runs").
+      _time_hf(hf, prompts, g, 8, device)
     ours_s, hf_s, hf_step = [], [], []
     for run in range(args.runs):
       ours_s.append(ours(seed=run))
