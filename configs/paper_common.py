@@ -22,6 +22,8 @@ def paper_config(arg, *, preset: str, task_verifier: str, max_new_tokens: int = 
   # activations (remat) and 1024-query blocks of attention scores at a time.
   c.model.remat = True
   c.model.attention_chunk = 1024
+  # On NVIDIA GPUs add --config.model.attention_impl=cudnn (flash attention; attention_chunk is
+  # then unused by training and scoring): 1.51 s -> 0.39 s for a 1B step on an H100.
   c.data.task = "jsonl"
   c.data.path = a.data
   c.data.options = {"verifier": task_verifier}
