@@ -157,6 +157,8 @@ def validate(config, num_devices: int | None = None) -> None:
          f"must be one of {ATTENTION_IMPLS}, got {config.model.attention_impl!r}")
   _check(config.model.attention_impl != "cudnn" or jax.default_backend() == "gpu", "model.attention_impl",
          f"'cudnn' needs an NVIDIA GPU backend; this process runs on {jax.default_backend()!r}")
+  _check(config.model.attention_impl != "cudnn" or config.model.dtype == "bfloat16", "model.attention_impl",
+         f"'cudnn' needs model.dtype='bfloat16', got {config.model.dtype!r}")
   _check(config.data.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
   _check(config.train.steps >= 0, "train.steps", "must be >= 0")
   _check(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")

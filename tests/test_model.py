@@ -146,6 +146,8 @@ def test_bad_configs_fail_clearly():
     tiny_config("llama", attention_chunk=-1)
   with pytest.raises(ValueError, match="attention_impl must be one of"):
     tiny_config("llama", attention_impl="flash")
+  with pytest.raises(ValueError, match="attention_impl='cudnn' needs dtype='bfloat16'"):
+    tiny_config("llama", attention_impl="cudnn", dtype="float32")
   with pytest.raises(ValueError, match="needs 16 devices"):
     sharding.make_mesh(sharding.MeshConfig(4, 4, 1))
 
@@ -160,7 +162,7 @@ def test_bfloat16_params_give_float32_logits():
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the error off GPU")
 def test_cudnn_attention_off_gpu_is_a_clear_error():
-  model = init_model(tiny_config("llama", attention_impl="cudnn"))
+  model = init_model(tiny_config("llama", attention_impl="cudnn", dtype="bfloat16"))
   seg = jnp.ones((1, 4), jnp.int32)
   with pytest.raises(ValueError, match="attention_impl='cudnn' needs an NVIDIA GPU backend"):
     _forward(model, jnp.zeros((1, 4), jnp.int32), seg)

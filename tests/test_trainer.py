@@ -41,6 +41,7 @@ def tiny(method="mopd", **overrides):
     ({"model.attention_chunk": -64}, r"config.model.attention_chunk: must be an int >= 0"),
     ({"model.attention_impl": "flash"}, r"config.model.attention_impl: must be one of \('xla', 'cudnn'\)"),
     ({"model.attention_impl": "cudnn"}, r"config.model.attention_impl: 'cudnn' needs an NVIDIA GPU backend"),
+    ({"model.attention_impl": "cudnn", "model.dtype": "float32"}, r"config.model.attention_impl: 'cudnn' needs"),
     ({"method": "plain_opd"}, r"config.teacher.mode: method 'plain_opd' needs teacher.mode='external'"),
 ])
 def test_bad_config_fails_before_any_compute(overrides, message):
@@ -57,7 +58,7 @@ def test_bad_config_fails_before_any_compute(overrides, message):
 
 
 def test_model_compute_switches_reach_the_model():
-  model, _ = trainer.load_model_and_tokenizer("tiny-llama", "", "", "float32", "float32", 0,
+  model, _ = trainer.load_model_and_tokenizer("tiny-llama", "", "", "float32", "bfloat16", 0,
                                               remat=True, attention_chunk=64, attention_impl="cudnn")
   assert model.config.remat and model.config.attention_chunk == 64 and model.config.attention_impl == "cudnn"
 
