@@ -11,8 +11,8 @@ no top-k / top-p over the full vocabulary, EOS disabled, so every row generates 
 cache G times, decode in a jitted while loop), timed end to end including the copy of tokens
 and log-probs to the host; compilation is excluded (one untimed call per shape).
 HF: `model.generate(..., num_return_sequences=G)`, which prefills all B*G rows; one untimed
-8-token warm-up on the same batch. Runs alternate (ours, HF, ours, HF, ...) so both see the same machine load;
-the medians of `--runs` runs are reported.
+8-token warm-up on the same batch. Runs alternate (ours, HF, ours, HF, ...) so both see the
+same machine load; the medians of `--runs` runs are reported.
 
 On a CPU shared with other jobs, torch's OpenMP threads can spin against the other
 load (here 2 threads decoded 5-15x slower than 1); `--torch-threads auto` (default) gives HF
@@ -212,13 +212,8 @@ def main(argv=None) -> None:
             (f", HF {hf_s[-1]:.2f} s" if hf_s else ""), flush=True)
     prefill_s = statistics.median(prefill() for _ in range(args.runs))
     if args.profile:
-      from profile_summary import print_top_ops, trace_files
-      trace_dir = os.path.join(args.profile, shape)
-      jax.profiler.start_trace(trace_dir)
-      ours(seed=1000)
-      jax.profiler.stop_trace()
-      for path in trace_files(trace_dir):
-        print_top_ops(path, steps=new_tokens)
+      from profile_summary import profile_call
+      profile_call(os.path.join(args.profile, shape), lambda: ours(seed=1000), steps=new_tokens)
     t = statistics.median(ours_s)
     rows_tokens = b * g * new_tokens
     line = (f"{shape:>6} {b * g:>5} | {t:8.2f} {rows_tokens / t:8.0f} "

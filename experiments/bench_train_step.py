@@ -359,13 +359,8 @@ def run_jax(cfg: ModelConfig, shape: Shape, batch_np: TrainBatch, args) -> dict[
                 loss=float(metrics.loss), grad_norm=float(metrics.grad_norm),
                 update_applied=float(metrics.update_applied), optimizer_steps=int(state.step))
   if args.profile:
-    from profile_summary import print_top_ops, trace_files
-    jax.profiler.start_trace(args.profile)
-    state, teacher, metrics = compiled(state, teacher, batch, rng)
-    jax.block_until_ready((state, teacher, metrics))
-    jax.profiler.stop_trace()
-    for path in trace_files(args.profile):
-      print_top_ops(path, steps=1)
+    from profile_summary import profile_call
+    state, teacher, metrics = profile_call(args.profile, lambda: compiled(state, teacher, batch, rng))
   stats = jax.devices()[0].memory_stats() or {}
   result["device_peak_bytes"] = stats.get("peak_bytes_in_use")
   result["device_bytes_limit"] = stats.get("bytes_limit")

@@ -61,6 +61,18 @@ def print_top_ops(path: str, *, top: int = 25, steps: int = 1) -> None:
     print(f"#   {ns / 1e6 / steps:9.3f} ms {share:5.1f}%  {name[:110]}")
 
 
+def profile_call(trace_dir: str, fn, *, steps: int = 1):
+  """Run fn() under `jax.profiler`, print its top device ops (per step), return its result."""
+  import jax
+
+  jax.profiler.start_trace(trace_dir)
+  out = jax.block_until_ready(fn())
+  jax.profiler.stop_trace()
+  for path in trace_files(trace_dir):
+    print_top_ops(path, steps=steps)
+  return out
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("path")

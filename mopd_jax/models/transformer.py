@@ -125,12 +125,16 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
   return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def same_segment_mask(q_segments: Array, k_segments: Array) -> Array:
+  """[B, Tq, Tk] bool: the key is in the query's segment, and not padding."""
+  return (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+
+
 def attention_mask(q_segments: Array, q_slots: Array, k_segments: Array) -> Array:
   """[B, Tq, Tk] bool: same non-zero segment, key slot <= query slot."""
   k_slots = jnp.arange(k_segments.shape[1])
-  same_segment = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
   causal = k_slots[None, None, :] <= q_slots[:, :, None]
-  return same_segment & causal
+  return same_segment_mask(q_segments, k_segments) & causal
 
 
 def _linear(config: ModelConfig, din: int, dout: int, names, *, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
@@ -208,9 +212,8 @@ def cudnn_attention(q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
     raise ValueError(
         f"ModelConfig.attention_impl='cudnn' needs an NVIDIA GPU backend; this process runs on "
         f"{jax.default_backend()!r}: use attention_impl='xla'")
-  same_segment = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
   return jax.nn.dot_product_attention(
-      q, k, v, mask=same_segment[:, None], is_causal=True, implementation="cudnn")
+      q, k, v, mask=same_segment_mask(segment_ids, segment_ids)[:, None], is_causal=True, implementation="cudnn")
 
 
 def chunked_grouped_attention(q: Array, k: Array, v: Array, mask: Array, chunk: int) -> Array:
