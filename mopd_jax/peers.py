@@ -252,18 +252,24 @@ class PeerConfig:
     values = _as_dict(values)
     base = get_preset(values.pop("preset")) if values.get("preset") else cls()
     values.pop("preset", None)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-      if key not in known:
-        raise ValueError(f"PeerConfig: unknown option {key!r}; known: {sorted(known)}")
-    if "labels" in values and not isinstance(values["labels"], PeerLabels):
-      labels = _as_dict(values["labels"])
-      label_names = {f.name for f in dataclasses.fields(PeerLabels)}
-      for key in labels:
-        if key not in label_names:
-          raise ValueError(f"PeerConfig.labels: unknown label {key!r}; known: {sorted(label_names)}")
-      values["labels"] = dataclasses.replace(base.labels, **labels)
-    return dataclasses.replace(base, **values)
+    return _replace(base, values)
+
+
+def _replace(base: PeerConfig, values: Mapping[str, Any]) -> PeerConfig:
+  """`base` with option overrides; `labels` may be a partial mapping of label names."""
+  values = dict(values)
+  known = {f.name for f in dataclasses.fields(PeerConfig)}
+  for key in values:
+    if key not in known:
+      raise ValueError(f"PeerConfig: unknown option {key!r}; known: {sorted(known)}")
+  if "labels" in values and not isinstance(values["labels"], PeerLabels):
+    labels = _as_dict(values["labels"])
+    label_names = {f.name for f in dataclasses.fields(PeerLabels)}
+    for key in labels:
+      if key not in label_names:
+        raise ValueError(f"PeerConfig.labels: unknown label {key!r}; known: {sorted(label_names)}")
+    values["labels"] = dataclasses.replace(base.labels, **labels)
+  return dataclasses.replace(base, **values)
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -296,10 +302,10 @@ def register_preset(name: str) -> Callable[[Callable[[], PeerConfig]], Callable[
 
 
 def get_preset(name: str, **overrides: Any) -> PeerConfig:
-  """The named preset, with field overrides (e.g. seed=3, control_match='token')."""
+  """The named preset, with field overrides (e.g. seed=3, labels={'closing': '...'})."""
   if name not in PEER_PRESETS:
     raise ValueError(f"unknown peer preset {name!r}; known: {sorted(PEER_PRESETS)}")
-  return dataclasses.replace(PEER_PRESETS[name](), **overrides)
+  return _replace(PEER_PRESETS[name](), overrides)
 
 
 @register_preset("mopd_2s1f")

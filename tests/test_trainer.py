@@ -57,6 +57,17 @@ def test_bad_config_fails_before_any_compute(overrides, message):
     config_lib.validate(c, num_devices=8)
 
 
+def test_peer_label_overrides_reach_the_peer_config():
+  c = tiny()
+  c.mopd.overrides["labels"] = {"closing": "Solve it in one line."}
+  config_lib.validate(c, num_devices=8)
+  labels = config_lib.peer_config(c).labels
+  assert labels.closing == "Solve it in one line." and labels.primary == "Correct solution:"
+  c.mopd.overrides["labels"] = {"closng": "typo"}
+  with pytest.raises(config_lib.ConfigError, match="config.mopd: PeerConfig.labels: unknown label 'closng'"):
+    config_lib.validate(c, num_devices=8)
+
+
 def test_model_compute_switches_reach_the_model():
   model, _ = trainer.load_model_and_tokenizer("tiny-llama", "", "", "float32", "bfloat16", 0,
                                               remat=True, attention_chunk=64, attention_impl="cudnn")
