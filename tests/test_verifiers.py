@@ -490,3 +490,22 @@ def test_verify_batch_deterministic_with_other_core_busy():
   assert sum(v.success for v in first) >= 6 + 2 + 3
   assert [v.success for v in first] == [
       v.success for v in (base.verify_one(e, c) for e, c in zip(examples, completions))]
+
+
+def test_workers_of_a_python_dash_m_program_print_no_runpy_warning(tmp_path):
+  # `python -m mopd_jax.main` preloads its main module by name in the forkserver; without the
+  # filter in verifiers/base.py every worker printed a runpy RuntimeWarning into the job's output.
+  (tmp_path / "demo_pkg").mkdir()
+  (tmp_path / "demo_pkg" / "__init__.py").write_text("")
+  (tmp_path / "demo_pkg" / "job.py").write_text(
+      "from mopd_jax.types import Example, Message\n"
+      "from mopd_jax.verifiers.base import verify_batch\n"
+      "if __name__ == '__main__':\n"
+      "  ex = Example(prompt=(Message(role='user', content='1+1?'),), reference='2', verifier='math')\n"
+      "  print([v.success for v in verify_batch([ex, ex], ['\\\\boxed{2}', '\\\\boxed{3}'], num_workers=2)])\n")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])}
+  out = subprocess.run([sys.executable, "-m", "demo_pkg.job"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "[True, False]"
+  assert "found in sys.modules" not in out.stderr, out.stderr

@@ -25,6 +25,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from mopd_jax.types import Example, Verdict, failure_verdict
@@ -44,6 +45,13 @@ BUILTIN_VERIFIER_MODULES: dict[str, str] = {
 # Imported once by the forkserver, so each new worker starts with them already loaded
 # (math-verify pulls in sympy: ~0.5 s per fresh interpreter otherwise).
 FORKSERVER_PRELOAD: tuple[str, ...] = ("mopd_jax.verifiers.base", "mopd_jax.verifiers.math")
+
+# Under `python -m pkg.mod` the forkserver preloads `pkg.mod` by name (see `mp_context`), and each
+# worker then re-runs it as `__mp_main__`, on which runpy warns "'pkg.mod' found in sys.modules
+# after import of package 'pkg'" once per worker. Harmless; workers inherit this filter from the
+# forkserver, which imports this module.
+warnings.filterwarnings("ignore", message=r"'[\w.]+' found in sys\.modules after import of package",
+                        category=RuntimeWarning)
 
 
 @runtime_checkable
