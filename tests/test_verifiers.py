@@ -503,7 +503,8 @@ def test_workers_of_a_python_dash_m_program_print_no_runpy_warning(tmp_path):
       "if __name__ == '__main__':\n"
       "  ex = Example(prompt=(Message(role='user', content='1+1?'),), reference='2', verifier='math')\n"
       "  print([v.success for v in verify_batch([ex, ex], ['\\\\boxed{2}', '\\\\boxed{3}'], num_workers=2)])\n")
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])}
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), repo, os.environ.get("PYTHONPATH", "")])}
   out = subprocess.run([sys.executable, "-m", "demo_pkg.job"], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=120)
   assert out.returncode == 0, out.stderr
