@@ -2,6 +2,7 @@
 
     python -m mopd_jax.main                                   # this config
     python -m mopd_jax.main --config=configs/default.py:method=grpo
+    python -m mopd_jax.main --config=configs/default.py:closing=one_line  # teacher closing line
     python -m mopd_jax.main --config.optim.lr=3e-6 --config.train.steps=20
 
 Sized for 2 CPU cores in about 15 minutes; the `tiny` argument shrinks it to a random tiny
@@ -11,8 +12,13 @@ model for smoke tests.
 from mopd_jax import config_lib
 
 
+# The teacher's closing instruction (a spec label). "one_line" removes the end-of-turn penalty
+# that the spec's closing gives this 135M teacher (experiments/README.md, "closing line").
+CLOSINGS = {"spec": "", "one_line": "Correctly solve the original question in one line."}
+
+
 def get_config(arg: str | None = None):
-  a = config_lib.parse_arg(arg, size="default", method="mopd")
+  a = config_lib.parse_arg(arg, size="default", method="mopd", closing="spec")
   c = config_lib.base_config()
   config_lib.apply_method(c, a.method)
   c.model.preset = "smollm2-135m"
@@ -36,6 +42,10 @@ def get_config(arg: str | None = None):
     # answer's digits by +0.26 nats on average, under the failure peer alone it lowered them
     # by -0.63 (experiments/README.md, "Why MOPD does not help SmolLM2-135M here").
     c.mopd.overrides["include_feedback"] = False
+  if a.closing not in CLOSINGS:
+    raise ValueError(f"config argument closing={a.closing!r}: known {sorted(CLOSINGS)}")
+  if CLOSINGS[a.closing]:
+    c.mopd.overrides["labels"] = {"closing": CLOSINGS[a.closing]}
   c.sampling.group_size = 4
   c.sampling.max_new_tokens = 64
   # SmolLM2-135M rambles at temperature 1 (the paper's value for 4B-14B models); 0.7 keeps

@@ -36,6 +36,11 @@ VARIANTS = {
     "mopd_2s1f_brief_closing": ("mopd_2s1f", {}, {
         "closing": "Correctly solve the original question. Reply with the final answer only, "
                    "as briefly as the correct solution."}),
+    "mopd_2s1f_no_feedback_brief_closing": ("mopd_2s1f", {"include_feedback": False}, {
+        "closing": "Correctly solve the original question. Reply with the final answer only, "
+                   "as briefly as the correct solution."}),
+    "mopd_2s1f_no_feedback_one_line": ("mopd_2s1f", {"include_feedback": False}, {
+        "closing": "Correctly solve the original question in one line."}),
 }
 
 
@@ -59,6 +64,7 @@ class RowShift:
   answer: list[float]
   end: list[float]
   other: list[float]
+  first: float  # the response's first token: where the context can steer how the answer starts
 
 
 def shifts(teacher_lp, student_lp, token_texts, has_success_peer: bool, success: bool,
@@ -68,11 +74,12 @@ def shifts(teacher_lp, student_lp, token_texts, has_success_peer: bool, success:
   end = [i for i, t in enumerate(token_texts) if t == end_text]
   other = [i for i in range(len(d)) if i not in ans and i not in end]
   return RowShift(has_success_peer, success, [float(d[i]) for i in sorted(ans)], [float(d[i]) for i in end],
-                  [float(d[i]) for i in other])
+                  [float(d[i]) for i in other], float(d[0]))
 
 
 def summarize(rows: list[RowShift]) -> list[str]:
-  lines = ["| success peer | rollout | n | answer digits | end of turn | other tokens |", "|---|---|---|---|---|---|"]
+  lines = ["| success peer | rollout | n | answer digits | end of turn | other tokens | first token |",
+           "|---|---|---|---|---|---|---|"]
   for peer in (True, False):
     for success in (True, False):
       sel = [r for r in rows if r.has_success_peer == peer and r.success == success]
@@ -81,7 +88,7 @@ def summarize(rows: list[RowShift]) -> list[str]:
       cell = lambda xs: f"{np.mean(xs):+.3f} ({len(xs)})" if xs else "-"
       lines.append(f"| {'yes' if peer else 'no'} | {'success' if success else 'failure'} | {len(sel)} | "
                    f"{cell([x for r in sel for x in r.answer])} | {cell([x for r in sel for x in r.end])} | "
-                   f"{cell([x for r in sel for x in r.other])} |")
+                   f"{cell([x for r in sel for x in r.other])} | {cell([r.first for r in sel])} |")
   return lines
 
 

@@ -68,6 +68,15 @@ def test_peer_label_overrides_reach_the_peer_config():
     config_lib.validate(c, num_devices=8)
 
 
+def test_default_config_closing_argument():
+  c = default_config.get_config("closing=one_line")
+  assert config_lib.peer_config(c).labels.closing == default_config.CLOSINGS["one_line"]
+  spec = config_lib.peer_config(default_config.get_config(None)).labels.closing
+  assert spec == "Correctly solve the original question."
+  with pytest.raises(ValueError, match="closing='short'"):
+    default_config.get_config("closing=short")
+
+
 def test_model_compute_switches_reach_the_model():
   model, _ = trainer.load_model_and_tokenizer("tiny-llama", "", "", "float32", "bfloat16", 0,
                                               remat=True, attention_chunk=64, attention_impl="cudnn")
