@@ -2,23 +2,27 @@
 
     python -m mopd_jax.main                                   # this config
     python -m mopd_jax.main --config=configs/default.py:method=grpo
-    python -m mopd_jax.main --config=configs/default.py:closing=one_line  # teacher closing line
+    python -m mopd_jax.main --config=configs/default.py:closing=spec  # the spec's teacher closing
     python -m mopd_jax.main --config.optim.lr=3e-6 --config.train.steps=20
 
-Sized for 2 CPU cores in about 15 minutes; the `tiny` argument shrinks it to a random tiny
-model for smoke tests.
+Sized for 2 CPU cores in under 15 minutes (about 13 on a quiet 2-core VM); the `tiny` argument
+shrinks it to a random tiny model for smoke tests. `closing=spec` restores the spec's closing line
+in the teacher's context.
 """
 
 from mopd_jax import config_lib
 
 
-# The teacher's closing instruction (a spec label). "one_line" removes the end-of-turn penalty
-# that the spec's closing gives this 135M teacher (experiments/README.md, "closing line").
+# The teacher's closing instruction (a spec label; "spec" keeps the spec's reference text). Under
+# the spec's closing this 135M teacher lowers the end-of-turn token by ~1 nat, so distillation
+# lengthens answers and training success falls below the initial model's (0.15-0.22 vs 0.25);
+# "one_line" removes that bias and training success rises (0.33-0.47). experiments/README.md,
+# "Why MOPD does not help SmolLM2-135M here" and "Main-job ablations 2".
 CLOSINGS = {"spec": "", "one_line": "Correctly solve the original question in one line."}
 
 
 def get_config(arg: str | None = None):
-  a = config_lib.parse_arg(arg, size="default", method="mopd", closing="spec")
+  a = config_lib.parse_arg(arg, size="default", method="mopd", closing="one_line")
   c = config_lib.base_config()
   config_lib.apply_method(c, a.method)
   c.model.preset = "smollm2-135m"
@@ -32,7 +36,7 @@ def get_config(arg: str | None = None):
   c.data.eval_size = 200
   # One bucket each: every step reuses one compiled sampler and one compiled train step.
   c.data.prompts_per_step = 4
-  c.data.prompt_buckets = (96,)
+  c.data.prompt_buckets = (64,)  # the chat-formatted prompts are 49-51 tokens
   c.data.response_buckets = (64,)
   c.data.teacher_prompt_buckets = (256,)
   c.mopd.overrides = {"max_teacher_prompt_len": 200, "truncation": "right"}
@@ -53,13 +57,13 @@ def get_config(arg: str | None = None):
   c.sampling.temperature = 0.7
   c.loss.chunk_size = 64
   c.optim.lr = 3e-5
-  c.train.steps = 10
+  c.train.steps = 16
   c.eval.num_samples = 1
   c.eval.temperature = 0.7
   c.eval.max_new_tokens = 64
   c.eval.batch_prompts = 100
   c.checkpoint.dir = "runs/default/checkpoints"
-  c.checkpoint.every = 5
+  c.checkpoint.every = 8
   c.logging.dir = "runs/default"
   c.mesh.data = 1
   if a.size == "tiny":

@@ -69,9 +69,9 @@ def test_peer_label_overrides_reach_the_peer_config():
 
 
 def test_default_config_closing_argument():
-  c = default_config.get_config("closing=one_line")
+  c = default_config.get_config(None)
   assert config_lib.peer_config(c).labels.closing == default_config.CLOSINGS["one_line"]
-  spec = config_lib.peer_config(default_config.get_config(None)).labels.closing
+  spec = config_lib.peer_config(default_config.get_config("closing=spec")).labels.closing
   assert spec == "Correctly solve the original question."
   with pytest.raises(ValueError, match="closing='short'"):
     default_config.get_config("closing=short")
