@@ -17,7 +17,7 @@ from mopd_jax import config_lib
 # the spec's closing this 135M teacher lowers the end-of-turn token by ~1 nat, so distillation
 # lengthens answers and training success falls below the initial model's (0.15-0.22 vs 0.25);
 # "one_line" removes that bias and training success rises (0.33-0.47). experiments/README.md,
-# "Why MOPD does not help SmolLM2-135M here" and "Main-job ablations 2".
+# "Where the peer-context teacher pushes SmolLM2-135M" and "Main-job ablations 2".
 CLOSINGS = {"spec": "", "one_line": "Correctly solve the original question in one line."}
 
 
@@ -44,7 +44,7 @@ def get_config(arg: str | None = None):
     # The math verifier's feedback repeats the wrong answer ("final answer 189 is incorrect"),
     # and this 135M self-teacher copies it: under feedback-only contexts it raised the wrong
     # answer's digits by +0.26 nats on average, under the failure peer alone it lowered them
-    # by -0.63 (experiments/README.md, "Why MOPD does not help SmolLM2-135M here").
+    # by -0.63 (experiments/README.md, "Where the peer-context teacher pushes SmolLM2-135M").
     c.mopd.overrides["include_feedback"] = False
   if a.closing not in CLOSINGS:
     raise ValueError(f"config argument closing={a.closing!r}: known {sorted(CLOSINGS)}")
