@@ -61,7 +61,7 @@ def main() -> None:
   args = p.parse_args()
 
   from configs import default
-  from mopd_jax import checkpointing, sharding, trainer
+  from mopd_jax import checkpointing, trainer
 
   c = default.get_config(args.config_arg)
   for assignment in args.set:
@@ -70,12 +70,10 @@ def main() -> None:
   c.logging.progress = False
   run = trainer.setup(c)
   report(run, "initial model")
-  shardings = {"state": run.step_fn.state_shardings, "teacher": run.step_fn.teacher_shardings,
-               "rng": sharding.replicated(run.mesh)}
   for spec in args.checkpoints:
     directory, step = spec.rsplit(":", 1)
     arrays, _ = checkpointing.RunCheckpointer(directory, async_save=False).restore(
-        run.checkpoint_arrays(), step=int(step), shardings=shardings)
+        run.checkpoint_arrays(), step=int(step), shardings=run.checkpoint_shardings())
     run.state = arrays["state"]
     report(run, spec)
 

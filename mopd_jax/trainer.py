@@ -280,6 +280,11 @@ class Run:
   def checkpoint_arrays(self):
     return {"state": self.state, "teacher": self.teacher, "rng": jax.random.key_data(self.rng)}
 
+  def checkpoint_shardings(self):
+    """Where each entry of `checkpoint_arrays()` lives, for restoring it."""
+    return {"state": self.step_fn.state_shardings, "teacher": self.step_fn.teacher_shardings,
+            "rng": sharding.replicated(self.mesh)}
+
 
 def setup(config) -> Run:
   if config.distributed.enabled:
@@ -340,9 +345,7 @@ def setup(config) -> Run:
 
 
 def restore(run: Run) -> None:
-  shardings = {"state": run.step_fn.state_shardings, "teacher": run.step_fn.teacher_shardings,
-               "rng": sharding.replicated(run.mesh)}
-  arrays, position = run.checkpointer.restore(run.checkpoint_arrays(), shardings=shardings)
+  arrays, position = run.checkpointer.restore(run.checkpoint_arrays(), shardings=run.checkpoint_shardings())
   run.state, run.teacher = arrays["state"], arrays["teacher"]
   run.rng = jax.random.wrap_key_data(arrays["rng"])
   run.position = position
