@@ -16,7 +16,7 @@ import jax
 import ml_collections
 
 from mopd_jax import losses, peers
-from mopd_jax.models.config import ATTENTION_IMPLS
+from mopd_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES
 from mopd_jax.train_step import METHOD_KINDS, TEACHER_MODES
 
 
@@ -60,8 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32",
       dtype="float32",
       remat=False,  # recompute each layer in the backward pass (long sequences, big models)
+      remat_policy="nothing_saveable",  # what a remat layer keeps: a jax.checkpoint_policies name
+      scan_layers=True,  # lax.scan over the stacked layers (False unrolls them: compile time grows with depth)
       attention_chunk=0,  # > 0: attention over blocks of this many queries (memory ~ block x keys)
-      attention_impl="xla",  # "cudnn": fused flash attention for full sequences on NVIDIA GPUs
+      attention_impl="xla",  # "cudnn" (NVIDIA GPUs) / "splash" (TPUs): fused attention for full sequences
   )
   c.teacher = dict(mode="ema", rate=0.05, external_preset="", external_checkpoint="")
   c.sampling = dict(
@@ -127,8 +129,13 @@ def _check(ok: bool, field: str, message: str) -> None:
     raise ConfigError(f"config.{field}: {message}")
 
 
-def validate(config, num_devices: int | None = None) -> None:
-  """Fail before any compute, naming the field."""
+def validate(config, num_devices: int | None = None, *, platform: str | None = None) -> None:
+  """Fail before any compute, naming the field.
+
+  platform: the backend the run targets ("cpu", "gpu", "tpu"); None = `jax.default_backend()`.
+  Ahead-of-time compilation for a TPU from a CPU process passes "tpu".
+  """
+  platform = platform or jax.default_backend()
   method = method_of(config)
   _check(method.loss in METHOD_KINDS, "method", f"bad loss kind {method.loss}")
   _check(0.0 <= config.loss.alpha <= 1.0, "loss.alpha", f"must be in [0, 1], got {config.loss.alpha}")
@@ -153,10 +160,17 @@ def validate(config, num_devices: int | None = None) -> None:
   _check(0.0 < config.sampling.top_p <= 1.0, "sampling.top_p", f"must be in (0, 1], got {config.sampling.top_p}")
   _check(isinstance(config.model.attention_chunk, int) and config.model.attention_chunk >= 0,
          "model.attention_chunk", f"must be an int >= 0 (0 = dense attention), got {config.model.attention_chunk!r}")
+  _check(config.model.remat_policy in REMAT_POLICIES, "model.remat_policy",
+         f"must be one of {REMAT_POLICIES}, got {config.model.remat_policy!r}")
+  _check(isinstance(config.model.scan_layers, bool), "model.scan_layers",
+         f"must be True or False, got {config.model.scan_layers!r}")
   _check(config.model.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
          f"must be one of {ATTENTION_IMPLS}, got {config.model.attention_impl!r}")
-  _check(config.model.attention_impl != "cudnn" or jax.default_backend() == "gpu", "model.attention_impl",
-         f"'cudnn' needs an NVIDIA GPU backend; this process runs on {jax.default_backend()!r}")
+  _check(config.model.attention_impl != "cudnn" or platform == "gpu", "model.attention_impl",
+         f"'cudnn' needs an NVIDIA GPU backend; this run targets {platform!r}")
+  _check(config.model.attention_impl != "splash" or platform == "tpu", "model.attention_impl",
+         f"'splash' is the Pallas TPU flash-attention kernel and needs a TPU; this run targets {platform!r} "
+         "(on NVIDIA GPUs 'cudnn' is the fused option, 'xla' runs everywhere)")
   _check(config.model.attention_impl != "cudnn" or config.model.dtype == "bfloat16", "model.attention_impl",
          f"'cudnn' needs model.dtype='bfloat16', got {config.model.dtype!r}")
   _check(config.data.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")

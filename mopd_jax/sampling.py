@@ -325,7 +325,8 @@ def _prefill(
   segments = left_padded_segments(prompt_lengths, lp)
   cache = KVCache.empty(config, b, lp + generation_len)
   cache = sharding.constrain_cache(cache, mesh, config.num_kv_heads)
-  out = model(tokens, positions_from_segments(segments), segments, cache, return_logits=False)
+  with sharding.activation_mesh(mesh):
+    out = model(tokens, positions_from_segments(segments), segments, cache, return_logits=False, fresh_cache=True)
   # Left padding: the last slot is every row's last prompt token; only its logits are needed.
   logits = model.logits(out.hidden[:, -1:])[:, 0]
   cache = sharding.constrain_cache(out.cache.repeat_rows(num_samples), mesh, config.num_kv_heads)

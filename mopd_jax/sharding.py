@@ -1,7 +1,7 @@
 """Device mesh, logical-axis rules, and the shardings of params, batches and caches.
 
-Parameters are annotated with logical axis names in the model (`embed`, `vocab`, `mlp`,
-`q_heads`, `kv_heads`, `norm`). A rule table maps each logical name to a mesh axis (or
+Parameters are annotated with logical axis names in the model (`layers`, `embed`, `vocab`,
+`mlp`, `q_heads`, `kv_heads`, `norm`). A rule table maps each logical name to a mesh axis (or
 None = replicated). Batches shard their leading dimension over `data` x `fsdp`, so each
 prompt's G rollouts, which are consecutive rows, stay on one shard as long as the per-shard
 row count is a multiple of G (checked by the callers that build batches).
@@ -9,6 +9,7 @@ row count is a multiple of G (checked by the callers that build batches).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Mapping, Optional, Sequence
@@ -30,6 +31,9 @@ DEFAULT_RULES: tuple[tuple[str, Optional[str]], ...] = (
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("norm", None),
+    # The stacked layers' leading axis: each device holds its shard of every layer (a scan
+    # slices one layer per iteration, so this axis is never split across devices).
+    ("layers", None),
 )
 
 
@@ -152,9 +156,10 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
 
 
 def cache_sharding(mesh: Mesh, num_kv_heads: int) -> NamedSharding:
-  """KV cache [B, KVH, S, D]: rows like the batch, kv heads over `tensor` when it divides them."""
+  """KV cache [L, B, KVH, S, D]: layers whole, rows like the batch, kv heads over `tensor`
+  when it divides them."""
   heads = "tensor" if num_kv_heads % mesh.shape["tensor"] == 0 else None
-  return NamedSharding(mesh, P(BATCH_AXES, heads, None, None))
+  return NamedSharding(mesh, P(None, BATCH_AXES, heads, None, None))
 
 
 def constrain(x: jax.Array, mesh: Optional[Mesh], spec: Optional[NamedSharding] = None) -> jax.Array:
@@ -170,6 +175,19 @@ def constrain_cache(cache: Any, mesh: Optional[Mesh], num_kv_heads: int) -> Any:
     return cache
   kv = cache_sharding(mesh, num_kv_heads)
   return cache.replace(
-      keys=tuple(constrain(k, mesh, kv) for k in cache.keys),
-      values=tuple(constrain(v, mesh, kv) for v in cache.values),
+      keys=constrain(cache.keys, mesh, kv), values=constrain(cache.values, mesh, kv),
       segment_ids=constrain(cache.segment_ids, mesh))
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Optional[Mesh]):
+  """Trace model code under `mesh` as JAX's abstract-mesh context (usable inside jit).
+
+  Kernels that must run per device (Pallas splash attention: Mosaic calls cannot be
+  partitioned by XLA) read it to wrap themselves in `shard_map`. A no-op without a mesh.
+  """
+  if mesh is None:
+    yield
+    return
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    yield

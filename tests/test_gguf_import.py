@@ -112,16 +112,16 @@ def test_quantized_tensors_dequantize_exactly(tmp_path):
   q8 = gguf.GGMLQuantizationType.Q8_0
   roundtrip = lambda w: gguf.quants.dequantize(gguf.quants.quantize(w, q8), q8)
   up = roundtrip(sd["model.layers.1.mlp.up_proj.weight"].numpy())
-  np.testing.assert_array_equal(np.asarray(model.layers[1].mlp.up_proj.kernel.get_value()), up.T)
+  np.testing.assert_array_equal(np.asarray(model.layers.mlp.up_proj.kernel.get_value()[1]), up.T)
   q = roundtrip(permute_rotary(sd["model.layers.0.self_attn.q_proj.weight"].numpy(), 4))
-  np.testing.assert_array_equal(np.asarray(model.layers[0].self_attn.q_proj.kernel.get_value()),
+  np.testing.assert_array_equal(np.asarray(model.layers.self_attn.q_proj.kernel.get_value()[0]),
                                 unpermute_rotary(q, 4).T)
 
 
 def test_bfloat16_import(tmp_path):
   hf = _hf_model("qwen3")
   model = load_gguf(_write_gguf(hf, "qwen3", tmp_path / "m.gguf"), param_dtype="bfloat16")
-  kernel = model.layers[0].self_attn.o_proj.kernel.get_value()
+  kernel = model.layers.self_attn.o_proj.kernel.get_value()[0]
   assert kernel.dtype == jnp.bfloat16
   expected = hf.state_dict()["model.layers.0.self_attn.o_proj.weight"].to(torch.bfloat16).float().numpy().T
   np.testing.assert_array_equal(np.asarray(kernel, np.float32), expected)

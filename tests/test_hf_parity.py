@@ -92,9 +92,9 @@ def test_loaded_straight_into_mesh_shardings(hf_checkpoint):
   _, hf, _, sharded = hf_checkpoint
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=2, tensor=4))
   model = load_hf_checkpoint(sharded, mesh=mesh)
-  kernel = model.layers[0].mlp.gate_proj.kernel.get_value()
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-  assert kernel.addressable_shards[0].data.shape == (32, 32)  # [64/2, 128/4]: a slice per device
+  kernel = model.layers.mlp.gate_proj.kernel.get_value()  # [layers, embed, mlp]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  assert kernel.addressable_shards[0].data.shape == (2, 32, 32)  # [2, 64/2, 128/4]: a slice per device
   tokens, mask = _batch()
   assert _max_diff(_our_logits(model, tokens, mask), _hf_logits(hf, tokens, mask), mask) <= 1e-4
 

@@ -22,9 +22,9 @@ def test_positions_from_segments_left_right_and_packed():
       positions_from_segments(seg), [[0, 0, 0, 1, 2], [0, 1, 2, 0, 0], [0, 1, 0, 1, 2]])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cached_prefill_then_decode_equals_full_forward(family):
-  cfg = tiny_config(family)
+@pytest.mark.parametrize("family,scan_layers", [(f, True) for f in FAMILIES] + [("qwen3", False)])
+def test_cached_prefill_then_decode_equals_full_forward(family, scan_layers):
+  cfg = tiny_config(family, scan_layers=scan_layers)
   model = init_model(cfg, seed=1)
   rng = np.random.RandomState(0)
   tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (3, 9)))
@@ -82,7 +82,7 @@ def test_sharded_forward_equals_single_device(mesh_shape):
   got = jax.jit(forward)(sharded_state, *batch)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
   # The parameters really are distributed when the mesh has fsdp/tensor axes.
-  kernel = sharded_state["layers"][0]["mlp"]["gate_proj"]["kernel"].value
+  kernel = sharded_state["layers"]["mlp"]["gate_proj"]["kernel"].value  # [layers, embed, mlp]
   if mesh_shape[1] * mesh_shape[2] > 1:
     assert kernel.addressable_shards[0].data.size < kernel.size
 
@@ -95,9 +95,11 @@ def test_mesh_that_does_not_divide_a_dimension_fails_naming_the_parameter():
     sharding.param_shardings(state, mesh)
 
 
-@pytest.mark.parametrize("variant", [dict(remat=True), dict(attention_chunk=4), dict(attention_chunk=5),
-                                     dict(remat=True, attention_chunk=2)])
-def test_remat_and_chunked_attention_equal_dense_in_logits_and_gradients(variant):
+@pytest.mark.parametrize("variant", [
+    dict(remat=True), dict(attention_chunk=4), dict(attention_chunk=5), dict(remat=True, attention_chunk=2),
+    dict(remat=True, remat_policy="dots_with_no_batch_dims_saveable"), dict(scan_layers=False),
+    dict(scan_layers=False, remat=True)])
+def test_remat_scan_and_chunked_attention_equal_dense_in_logits_and_gradients(variant):
   base = tiny_config("qwen3")
   rng = np.random.RandomState(3)
   tokens = jnp.asarray(rng.randint(0, base.vocab_size, (3, 12)))
@@ -118,6 +120,44 @@ def test_remat_and_chunked_attention_equal_dense_in_logits_and_gradients(variant
   assert len(grads) == len(ref_grads)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def _equations(jaxpr) -> list:
+  """Every equation of a jaxpr, sub-jaxprs (scan and remat bodies) included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    out.append(eqn)
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          out += _equations(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          out += _equations(sub)
+  return out
+
+
+def _training_program(cfg, backward: bool = True) -> list:
+  graphdef, params = nnx.split(init_model(cfg), nnx.Param)
+  tokens, seg = jnp.zeros((2, 8), jnp.int32), jnp.ones((2, 8), jnp.int32)
+  loss = lambda p: jnp.sum(_forward(nnx.merge(graphdef, p), tokens, seg))
+  return _equations(jax.make_jaxpr(jax.grad(loss) if backward else loss)(params).jaxpr)
+
+
+def test_scanned_program_size_does_not_grow_with_depth_and_remats_the_layer_once():
+  remat = dict(remat=True, remat_policy="dots_with_no_batch_dims_saveable")
+  sizes = {n: len(_training_program(tiny_config("qwen3", num_layers=n, **remat))) for n in (2, 6)}
+  assert sizes[2] == sizes[6], sizes
+  unrolled = {n: len(_training_program(tiny_config("qwen3", num_layers=n, scan_layers=False))) for n in (2, 6)}
+  assert unrolled[6] > unrolled[2] + 100, unrolled  # the baseline the scan removes
+  remats = [e for e in _training_program(tiny_config("qwen3", num_layers=4, **remat), backward=False)
+            if e.primitive.name.startswith(("checkpoint", "remat"))]
+  assert len(remats) == 1  # one rematerialised layer body, inside the scan
+  assert remats[0].params["policy"] is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
+def test_unknown_remat_policy_is_a_clear_error():
+  with pytest.raises(ValueError, match="remat_policy must be one of"):
+    tiny_config("llama", remat=True, remat_policy="save_everything_please")
 
 
 def test_chunked_attention_keeps_scores_per_block():
@@ -166,3 +206,45 @@ def test_cudnn_attention_off_gpu_is_a_clear_error():
   seg = jnp.ones((1, 4), jnp.int32)
   with pytest.raises(ValueError, match="attention_impl='cudnn' needs an NVIDIA GPU backend"):
     _forward(model, jnp.zeros((1, 4), jnp.int32), seg)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_splash_attention_model_equals_xla_in_logits_and_gradients(family):
+  """The Pallas splash kernel (interpreted on CPU) in the whole model: left padding, right
+  padding and packed rows; T = 24 is not a multiple of the kernel's 128-slot blocks."""
+  base = tiny_config(family, num_layers=2)
+  rng = np.random.RandomState(5)
+  tokens = jnp.asarray(rng.randint(0, base.vocab_size, (3, 24)))
+  seg = jnp.asarray([[0] * 5 + [1] * 19, [1] * 17 + [0] * 7, [1] * 9 + [2] * 10 + [0] * 5])
+  weights = jnp.asarray(rng.rand(3, 24, base.vocab_size), jnp.float32) * (seg[..., None] != 0)
+
+  def loss_and_grads(cfg):
+    graphdef, params = nnx.split(init_model(cfg, seed=6), nnx.Param)
+    loss = lambda p: jnp.sum(_forward(nnx.merge(graphdef, p), tokens, seg) * weights)
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    return value, jax.tree.leaves(grads)
+
+  ref_value, ref_grads = loss_and_grads(base)
+  value, grads = loss_and_grads(base.replace(attention_impl="splash"))
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_fresh_cache_prefill_with_splash_then_decode_equals_full_forward():
+  """A prefill (fresh cache) runs the full-sequence kernel and still fills the cache, so
+  decoding after it matches the uncached forward."""
+  cfg = tiny_config("qwen3", attention_impl="splash")
+  model = init_model(cfg, seed=1)
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 9)))
+  seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9])
+  full = _forward(init_model(cfg.replace(attention_impl="xla"), seed=1), tokens, seg)
+  pos = positions_from_segments(seg)
+  out = model(tokens[:, :6], pos[:, :6], seg[:, :6], KVCache.empty(cfg, 2, 12), fresh_cache=True)
+  pieces, cache = [out.logits], out.cache
+  for t in range(6, 9):
+    out = model(tokens[:, t:t + 1], pos[:, t:t + 1], seg[:, t:t + 1], cache)
+    pieces.append(out.logits)
+    cache = out.cache
+  valid = np.asarray(seg) != 0
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(pieces, 1))[valid], np.asarray(full)[valid], atol=1e-5)

@@ -159,17 +159,17 @@ def test_prefill_runs_once_per_prompt_and_groups_start_from_identical_caches():
   out = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths))
   single = sampling._prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths),
                              num_samples=1, generation_len=8, mesh=None)
-  assert out.cache.keys[0].shape[0] == b * g and int(out.cache.index) == lp
+  assert out.cache.keys.shape[1] == b * g and int(out.cache.index) == lp  # [L, B*G, KVH, S, D]
   # The decode loop takes the prefill cache as a donated buffer and aliases it to its output.
   hlo = sampling._decode.lower(
       graphdef, state, out.cache, out.logits, out.positions, jax.random.key(0),
       jnp.arange(b * g, dtype=jnp.int32), sampling._limits(SamplingParams(max_new_tokens=8)), rule=TokenRule(1.0, 1.0, 0),
       generation_len=8, mesh=None).compile().as_text()
   assert "input_output_alias" in hlo.split("\n", 1)[0]
-  for got, ref in zip(jax.tree.leaves((out.cache.keys, out.cache.values, out.cache.segment_ids,
-                                        out.logits, out.positions)),
-                      jax.tree.leaves((single.cache.keys, single.cache.values,
-                                       single.cache.segment_ids, single.logits, single.positions))):
+  for got, ref in zip((out.cache.keys, out.cache.values), (single.cache.keys, single.cache.values)):
+    np.testing.assert_array_equal(np.asarray(got), np.repeat(np.asarray(ref), g, axis=1))  # [L, rows, ...]
+  for got, ref in zip(jax.tree.leaves((out.cache.segment_ids, out.logits, out.positions)),
+                      jax.tree.leaves((single.cache.segment_ids, single.logits, single.positions))):
     np.testing.assert_array_equal(np.asarray(got), np.repeat(np.asarray(ref), g, axis=0))
 
 

@@ -126,22 +126,23 @@ def _prefill_contexts(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, l
   c, lc = tokens.shape
   segments = left_padded_segments(lengths, lc)
   cache = sharding.constrain_cache(KVCache.empty(model.config, c, lc), mesh, model.config.num_kv_heads)
-  out = model(tokens, positions_from_segments(segments), segments, cache, return_logits=False)
+  with sharding.activation_mesh(mesh):
+    out = model(tokens, positions_from_segments(segments), segments, cache, return_logits=False, fresh_cache=True)
   cache = sharding.constrain_cache(out.cache, mesh, model.config.num_kv_heads)
   return _Contexts(cache=cache, last_hidden=sharding.constrain(out.hidden[:, -1], mesh))
 
 
 def _gather_rows(cache: KVCache, rows: Array, extra_slots: int) -> KVCache:
   """Cache row rows[r] for every response r, with `extra_slots` empty slots appended."""
-  def take(x: Array, slot_axis: int) -> Array:
-    x = jnp.take(x, rows, axis=0)
+  def take(x: Array, row_axis: int, slot_axis: int) -> Array:
+    x = jnp.take(x, rows, axis=row_axis)
     pad = [(0, 0)] * x.ndim
     pad[slot_axis] = (0, extra_slots)
     return jnp.pad(x, pad)
   # The padded slots have segment 0 (empty) until the responses write them.
-  kv = lambda x: take(x, slot_axis=2)  # [B, KVH, S, D]
-  return KVCache(keys=tuple(map(kv, cache.keys)), values=tuple(map(kv, cache.values)),
-                 segment_ids=take(cache.segment_ids, slot_axis=1), index=cache.index)
+  kv = lambda x: take(x, row_axis=1, slot_axis=3)  # [L, B, KVH, S, D]
+  return KVCache(keys=kv(cache.keys), values=kv(cache.values),
+                 segment_ids=take(cache.segment_ids, row_axis=0, slot_axis=1), index=cache.index)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk_size", "mesh"))
@@ -191,7 +192,8 @@ def _score_concatenated(
   length = tokens.shape[1]
   total = context_lengths + response_lengths
   segments = right_padded_segments(total, length)
-  out = model(tokens, positions_from_segments(segments), segments, return_logits=False)
+  with sharding.activation_mesh(mesh):
+    out = model(tokens, positions_from_segments(segments), segments, return_logits=False)
   t = jnp.arange(response_len)[None, :]
   predict_at = jnp.clip(context_lengths[:, None] - 1 + t, 0, length - 1)
   hidden = sharding.constrain(jnp.take_along_axis(out.hidden, predict_at[..., None], axis=1), mesh)

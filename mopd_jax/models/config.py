@@ -9,7 +9,10 @@ import jax.numpy as jnp
 
 Family = Literal["llama", "qwen2", "qwen3"]
 FAMILIES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
-ATTENTION_IMPLS: tuple[str, ...] = ("xla", "cudnn")
+ATTENTION_IMPLS: tuple[str, ...] = ("xla", "cudnn", "splash")
+# Names of jax.checkpoint_policies a rematerialised layer may use.
+REMAT_POLICIES: tuple[str, ...] = (
+    "nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable", "everything_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,11 @@ class ModelConfig:
   param_dtype: str = "float32"  # "float32" | "bfloat16"
   dtype: str = "float32"  # compute dtype; softmax and logits are always float32
   remat: bool = False  # recompute each layer in the backward pass (activation memory ~ one layer)
+  # What the backward pass may keep of a rematerialised layer (names of jax.checkpoint_policies).
+  remat_policy: str = "nothing_saveable"
+  # Apply the stacked layers with lax.scan (one layer in the compiled program). False unrolls
+  # them in Python: same parameters and results, compile time grows with depth.
+  scan_layers: bool = True
   # Query block for memory-bounded attention: with T > attention_chunk queries, scores are
   # computed (and recomputed in the backward pass) one block at a time, so they take
   # [B, H, attention_chunk, S] instead of [B, H, T, S]. 0 = dense.
@@ -51,6 +59,8 @@ class ModelConfig:
   # "xla": attention as plain einsums (every backend; the decode path always uses it).
   # "cudnn": cuDNN's fused flash attention for full-sequence calls (training, scoring,
   # prefill without a cache) on NVIDIA GPUs; it never forms the [B, H, T, S] scores.
+  # "splash": the Pallas splash attention kernel for the same calls, on TPUs
+  # (`mopd_jax.models.splash`; interpreted on CPU, for tests).
   attention_impl: str = "xla"
 
   def __post_init__(self):
@@ -63,6 +73,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.attention_chunk must be an int >= 0, got {self.attention_chunk!r}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
     if self.attention_impl == "cudnn" and self.dtype != "bfloat16":
       raise ValueError(f"ModelConfig.attention_impl='cudnn' needs dtype='bfloat16' (cuDNN flash attention "
                        f"has no float32 kernel), got dtype={self.dtype!r}")

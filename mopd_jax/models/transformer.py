@@ -16,7 +16,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.struct
 import jax
@@ -31,8 +31,10 @@ _MASKED = -1e30  # finite: a fully-masked (padding) query row stays NaN-free
 
 @flax.struct.dataclass
 class KVCache:
-  """Per-layer keys/values over `max_len` slots, plus which slots hold which segment.
+  """Keys/values of every layer over `max_len` slots, plus which slots hold which segment.
 
+  Stacked over layers ([L, ...]) like the layer parameters, so the scanned decoder carries
+  the whole cache and each layer writes its new tokens in place.
   `segment_ids[b, s] == 0` marks an empty (or padding) slot. `index` is the next slot to
   write; all rows write the same slot (prompts are left-padded), which keeps updates a
   single `dynamic_update_slice`.
@@ -41,8 +43,8 @@ class KVCache:
   # Heads before slots: attention contracts over D and S with (B, KVH) as batch dims, so
   # this is the layout XLA's dot wants; [B, S, KVH, D] made it transpose the whole cache in
   # every layer of every decode step (measured 1.2-1.5x slower decode on CPU).
-  keys: tuple[Array, ...]  # each [B, KVH, S, D]
-  values: tuple[Array, ...]  # each [B, KVH, S, D]
+  keys: Array  # [L, B, KVH, S, D]
+  values: Array  # [L, B, KVH, S, D]
   segment_ids: Array  # [B, S] int32
   index: Array  # [] int32
 
@@ -52,20 +54,16 @@ class KVCache:
 
   @classmethod
   def empty(cls, config: ModelConfig, batch: int, max_len: int) -> "KVCache":
-    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-    zeros = lambda: jnp.zeros(shape, config.jnp_dtype)
+    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
     return cls(
-        keys=tuple(zeros() for _ in range(config.num_layers)),
-        values=tuple(zeros() for _ in range(config.num_layers)),
-        segment_ids=jnp.zeros((batch, max_len), jnp.int32),
-        index=jnp.zeros((), jnp.int32))
+        keys=jnp.zeros(shape, config.jnp_dtype), values=jnp.zeros(shape, config.jnp_dtype),
+        segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
 
   def repeat_rows(self, n: int) -> "KVCache":
     """Each row copied n times, consecutively: prompt b -> rows b*n .. b*n+n-1."""
-    rep = lambda x: jnp.repeat(x, n, axis=0)
     return KVCache(
-        keys=tuple(map(rep, self.keys)), values=tuple(map(rep, self.values)),
-        segment_ids=rep(self.segment_ids), index=self.index)
+        keys=jnp.repeat(self.keys, n, axis=1), values=jnp.repeat(self.values, n, axis=1),
+        segment_ids=jnp.repeat(self.segment_ids, n, axis=0), index=self.index)
 
 
 @flax.struct.dataclass
@@ -158,8 +156,14 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(d, config.rms_norm_eps, config)
       self.k_norm = RMSNorm(d, config.rms_norm_eps, config)
 
-  def __call__(self, x, positions, q_segments, q_slots, inv_freq, layer_cache, kv_segments):
-    """layer_cache: None (keys are this call's tokens) or (keys, values, write_index)."""
+  def __call__(self, x, positions, q_segments, q_slots, inv_freq, layer_cache, kv_segments, fresh_cache=False):
+    """layer_cache: None (keys are this call's tokens) or (keys, values, write_index) of this
+    layer's cache, each [B, KVH, S, D]. Returns the output and, with a cache, this call's
+    keys/values ([B, KVH, T, D], cache dtype) for the caller to store at `write_index`.
+
+    fresh_cache: the cache is empty and this call writes from slot 0 (a prefill), so the
+    keys are exactly this call's tokens and the full-sequence kernels apply.
+    """
     c = self.config
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
@@ -168,22 +172,36 @@ class Attention(nnx.Module):
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    if layer_cache is None and c.attention_impl == "cudnn":
-      out = cudnn_attention(q, k, v, q_segments)
-      return self.o_proj(out.reshape(b, t, -1)), None
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, D]: the cache layout
-    new_cache = None
+    new_kv = None
     if layer_cache is not None:
-      cached_k, cached_v, index = layer_cache
-      k = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), (0, 0, index, 0))
-      v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, 0, index, 0))
-      new_cache = (k, v)
-    mask = attention_mask(q_segments, q_slots, kv_segments)
-    if 0 < c.attention_chunk < t:
-      out = chunked_grouped_attention(q, k, v, mask, c.attention_chunk)
+      dtype = layer_cache[0].dtype
+      new_kv = (k.transpose(0, 2, 1, 3).astype(dtype), v.transpose(0, 2, 1, 3).astype(dtype))
+    if layer_cache is None or fresh_cache:
+      out = self._full_sequence_attention(q, k, v, q_segments)
     else:
-      out = grouped_attention(q, k, v, mask)
-    return self.o_proj(out.reshape(b, t, -1)), new_cache
+      cached_k, cached_v, index = layer_cache
+      k = jax.lax.dynamic_update_slice(cached_k, new_kv[0], (0, 0, index, 0))
+      v = jax.lax.dynamic_update_slice(cached_v, new_kv[1], (0, 0, index, 0))
+      out = self._grouped(q, k, v, attention_mask(q_segments, q_slots, kv_segments))
+    return self.o_proj(out.reshape(b, t, -1)), new_kv
+
+  def _full_sequence_attention(self, q, k, v, segments):
+    """Attention of a whole sequence to itself (slot i sees slots <= i of its segment).
+    q [B,T,H,D], k/v [B,T,KVH,D]."""
+    impl = self.config.attention_impl
+    if impl == "cudnn":
+      return cudnn_attention(q, k, v, segments)
+    if impl == "splash":
+      from mopd_jax.models import splash  # Pallas TPU; imported only when chosen
+      return splash.splash_attention(q, k, v, segments)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, D]
+    slots = jnp.broadcast_to(jnp.arange(q.shape[1]), segments.shape)
+    return self._grouped(q, k, v, attention_mask(segments, slots, segments))
+
+  def _grouped(self, q, k, v, mask):
+    if 0 < self.config.attention_chunk < q.shape[1]:
+      return chunked_grouped_attention(q, k, v, mask, self.config.attention_chunk)
+    return grouped_attention(q, k, v, mask)
 
 
 def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
@@ -256,16 +274,33 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, q_segments, q_slots, inv_freq, layer_cache, kv_segments):
+  def __call__(self, x, positions, q_segments, q_slots, inv_freq, layer_cache, kv_segments, fresh_cache=False):
     attn, new_cache = self.self_attn(
-        self.input_layernorm(x), positions, q_segments, q_slots, inv_freq, layer_cache, kv_segments)
+        self.input_layernorm(x), positions, q_segments, q_slots, inv_freq, layer_cache, kv_segments, fresh_cache)
     x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, new_cache
 
 
+def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+  """One DecoderLayer whose every parameter has a leading [num_layers] axis (logical name
+  `layers`), each layer initialised from its own split of `rngs`."""
+
+  @nnx.split_rngs(splits=config.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(layer_rngs: nnx.Rngs) -> DecoderLayer:
+    return DecoderLayer(config, rngs=layer_rngs)
+
+  return create(rngs)
+
+
 class Transformer(nnx.Module):
-  """Decoder-only LM. Call with tokens, positions and segment ids; optionally a KV cache."""
+  """Decoder-only LM. Call with tokens, positions and segment ids; optionally a KV cache.
+
+  The layers are one stacked DecoderLayer applied with `lax.scan`: the program holds one
+  layer's code whatever the depth (compile time flat in depth), and remat wraps the scanned
+  layer once. `scan_layers=False` unrolls the same stacked parameters instead.
+  """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     # Parameters are created unsharded; `mopd_jax.sharding` places them on a mesh after
@@ -279,7 +314,7 @@ class Transformer(nnx.Module):
         config.vocab_size, config.hidden_size, dtype=config.jnp_dtype,
         param_dtype=config.jnp_param_dtype,
         embedding_init=_partitioned(nnx.initializers.normal(0.02), ("vocab", "embed")), rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.layers = _stacked_layers(config, rngs)
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
     if not config.tie_embeddings:
       self.lm_head = nnx.Linear(
@@ -305,33 +340,65 @@ class Transformer(nnx.Module):
       cache: Optional[KVCache] = None,
       *,
       return_logits: bool = True,
+      fresh_cache: bool = False,
   ) -> ModelOutput:
+    """fresh_cache: `cache` is empty (index 0), as in a prefill: attention runs over this
+    call's tokens alone with the full-sequence kernel (`attention_impl`), and their keys and
+    values are written to the cache. Only valid on a cache nothing has been written to."""
     t = tokens.shape[1]
     inv_freq = rope_inverse_frequencies(self.config)
     x = self.embed_tokens(tokens)
+    layer_def, layer_params = nnx.split(self.layers)
     if cache is None:
       q_slots = jnp.broadcast_to(jnp.arange(t), tokens.shape)
-      kv_segments = segment_ids
-      index = None
+
+      def layer(x, params):
+        x, _ = nnx.merge(layer_def, params)(x, positions, segment_ids, q_slots, inv_freq, None, segment_ids)
+        return x, None
+
+      x = self._over_layers(self._remat(layer), x, layer_params)
+      new_cache = None
     else:
       index = cache.index
       q_slots = jnp.broadcast_to(index + jnp.arange(t), tokens.shape)
       kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, index))
-    new_keys, new_values = [], []
-    for i, layer in enumerate(self.layers):
-      layer_cache = None if cache is None else (cache.keys[i], cache.values[i], index)
-      call = nnx.remat(type(layer).__call__) if self.config.remat else type(layer).__call__
-      x, updated = call(layer, x, positions, segment_ids, q_slots, inv_freq, layer_cache, kv_segments)
-      if updated is not None:
-        new_keys.append(updated[0])
-        new_values.append(updated[1])
+
+      def layer(carry, params_and_depth):
+        x, keys, values = carry
+        params, depth = params_and_depth
+        layer_cache = (keys[depth], values[depth], index)
+        x, (k, v) = nnx.merge(layer_def, params)(
+            x, positions, segment_ids, q_slots, inv_freq, layer_cache, kv_segments, fresh_cache)
+        # Only this call's tokens are written: an in-place update of the carried cache.
+        keys = jax.lax.dynamic_update_slice(keys, k[None], (depth, 0, 0, index, 0))
+        values = jax.lax.dynamic_update_slice(values, v[None], (depth, 0, 0, index, 0))
+        return (x, keys, values), None
+
+      depths = jnp.arange(self.config.num_layers)
+      x, keys, values = self._over_layers(layer, (x, cache.keys, cache.values), (layer_params, depths))
+      new_cache = KVCache(keys=keys, values=values, segment_ids=kv_segments, index=index + t)
     hidden = self.norm(x)
-    new_cache = None
-    if cache is not None:
-      new_cache = KVCache(
-          keys=tuple(new_keys), values=tuple(new_values), segment_ids=kv_segments, index=index + t)
     logits = self.logits(hidden) if return_logits else None
     return ModelOutput(hidden=hidden, logits=logits, cache=new_cache)
+
+  def _over_layers(self, layer_fn: Callable, carry, per_layer):
+    """`layer_fn(carry, layer_slice) -> (carry, None)` over the layers: a scan, or a Python
+    loop (`scan_layers=False`: one copy of the layer per depth in the program, as before
+    scanning; kept to measure compile time and to debug one layer)."""
+    if self.config.scan_layers:
+      return jax.lax.scan(layer_fn, carry, per_layer)[0]
+    for i in range(self.config.num_layers):
+      carry, _ = layer_fn(carry, jax.tree.map(lambda x: x[i], per_layer))
+    return carry
+
+  def _remat(self, layer_fn: Callable) -> Callable:
+    if not self.config.remat:
+      return layer_fn
+    # remat_policy names one of jax.checkpoint_policies (validated by ModelConfig).
+    # Inside scan, CSE across iterations cannot undo the recomputation, so the barriers that
+    # prevent_cse adds are only needed when the layers are unrolled.
+    policy = getattr(jax.checkpoint_policies, self.config.remat_policy)
+    return jax.checkpoint(layer_fn, policy=policy, prevent_cse=not self.config.scan_layers)
 
 
 def left_padded_segments(lengths: Array, width: int) -> Array:

@@ -1,10 +1,13 @@
 """What the HF and GGUF importers share: our parameter paths, placement, and model assembly.
 
-A parameter is addressed by its path in `nnx.state(model, nnx.Param)`, e.g.
-`("layers", 3, "self_attn", "q_proj", "kernel")`. Each importer maps a path to a tensor
-in its file format and returns that tensor in *our* layout ([in, out] kernels); this
-module builds the model abstractly, asks for one tensor at a time and places it straight
-into its target sharding, so a device only ever receives its own slice.
+A parameter is addressed by its path in `nnx.state(model, nnx.Param)`. The decoder layers
+are stacked: `("layers", "self_attn", "q_proj", "kernel")` is one [L, in, out] array, while
+checkpoint files hold one tensor per layer. Importers and exporters therefore see *file
+paths*, where a stacked parameter becomes L paths `("layers", i, "self_attn", ...)` of the
+per-layer shape. Each importer maps a file path to a reader of its tensor in *our* layout
+([in, out] kernels); this module builds the model abstractly, stacks the per-layer readers,
+and places each parameter straight into its target sharding, reading only the slices (layers
+included) that each device holds.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from mopd_jax.models.transformer import Transformer
 ParamPath = tuple[Any, ...]  # str and int keys
 # (index into our-layout array: a tuple of slices) -> numpy array of that slice
 SliceReader = Callable[[tuple[slice, ...]], np.ndarray]
+STACKED = "layers"  # parameters under this key carry a leading [num_layers] axis
 
 
 def path_str(path: ParamPath) -> str:
@@ -30,6 +34,36 @@ def path_str(path: ParamPath) -> str:
 def flat_params(model: Transformer) -> list[tuple[ParamPath, nnx.Variable]]:
   """(path, Param variable) for every parameter, in a stable order."""
   return list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+def is_stacked(path: ParamPath) -> bool:
+  return bool(path) and path[0] == STACKED
+
+
+def layer_path(path: ParamPath, layer: int) -> ParamPath:
+  """The file path of one layer of a stacked parameter."""
+  return (path[0], layer) + tuple(path[1:])
+
+
+def file_params(model: Transformer) -> list[tuple[ParamPath, ParamPath, Optional[int], tuple[int, ...]]]:
+  """(file path, parameter path, layer or None, per-file shape) for every tensor a checkpoint
+  file holds, grouped by parameter (a stacked parameter's layers are consecutive)."""
+  out = []
+  for path, var in flat_params(model):
+    shape = tuple(var.get_value().shape)
+    if is_stacked(path):
+      out += [(layer_path(path, i), path, i, shape[1:]) for i in range(shape[0])]
+    else:
+      out.append((path, path, None, shape))
+  return out
+
+
+def stacked_reader(layers: Sequence[SliceReader]) -> SliceReader:
+  """A reader of the [L, ...] stack of per-layer readers: only the layers in the index are read."""
+  def read(index: tuple[slice, ...]) -> np.ndarray:
+    chosen = range(len(layers))[index[0]]
+    return np.stack([layers[i](tuple(index[1:])) for i in chosen])
+  return read
 
 
 def flat_shardings(tree: Any) -> dict[ParamPath, jax.sharding.Sharding]:
@@ -80,19 +114,25 @@ def place(
 
 def assemble(
     abstract: Transformer,
-    load_param: Callable[[ParamPath, tuple[int, ...], Any, jax.sharding.Sharding], jax.Array],
+    reader: Callable[[ParamPath, tuple[int, ...]], SliceReader],
     *,
     mesh: Optional[jax.sharding.Mesh] = None,
     rules: Optional[Sequence] = None,
 ) -> Transformer:
   """Fill an abstract model (from `abstract_model`, no memory) parameter by parameter.
 
-  `load_param(path, shape, dtype, sharding)` returns each parameter already placed.
+  `reader(file_path, shape)` returns a SliceReader of one file tensor (see `file_params`), in
+  our layout and per-layer shape; stacked parameters read each layer through it.
   """
   dtype = abstract.config.jnp_param_dtype
   shardings = target_shardings(abstract, mesh, rules)
   params = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
   for path, var in params:
-    var.set_value(load_param(path, tuple(var.get_value().shape), dtype, shardings[path]))
+    shape = tuple(var.get_value().shape)
+    if is_stacked(path):
+      read = stacked_reader([reader(layer_path(path, i), shape[1:]) for i in range(shape[0])])
+    else:
+      read = reader(path, shape)
+    var.set_value(place(read, shape, dtype, shardings[path]))
   nnx.update(abstract, nnx.from_flat_state(params))
   return abstract

@@ -213,9 +213,9 @@ def load_gguf(
   permute = config.family == "llama"
 
   abstract = abstract_model(config)
-  params = common.flat_params(abstract)
-  names = {path_: gguf_tensor_name(path_) for path_, _ in params}
-  shapes = {path_: tuple(var.get_value().shape) for path_, var in params}
+  file_params = common.file_params(abstract)
+  names = {file_path: gguf_tensor_name(file_path) for file_path, _, _, _ in file_params}
+  shapes = {file_path: shape for file_path, _, _, shape in file_params}
   missing = sorted(name for name, _ in names.values() if name not in tensors)
   if missing:
     raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing: {', '.join(missing[:10])}")
@@ -228,18 +228,21 @@ def load_gguf(
     if found != want:
       raise CheckpointError(f"{path}: tensor {name} has shape {found}, the metadata implies {want}")
 
-  def load_param(path_, shape, dtype_, sharding):
+  def reader(path_, shape):
     name, transpose = names[path_]
-    array = _dequantized(tensors[name])  # one whole tensor on host: blocks span rows
-    if permute and name.endswith(("attn_q.weight", "attn_q.bias")):
-      array = unpermute_rotary(array, config.num_heads)
-    elif permute and name.endswith(("attn_k.weight", "attn_k.bias")):
-      array = unpermute_rotary(array, config.num_kv_heads)
-    if transpose:
-      array = array.T
-    return common.place(lambda index: array[index], shape, dtype_, sharding)
 
-  return common.assemble(abstract, load_param, mesh=mesh, rules=rules)
+    @functools.cache
+    def whole() -> np.ndarray:  # one whole tensor on host, once: quantised blocks span rows
+      array = _dequantized(tensors[name])
+      if permute and name.endswith(("attn_q.weight", "attn_q.bias")):
+        array = unpermute_rotary(array, config.num_heads)
+      elif permute and name.endswith(("attn_k.weight", "attn_k.bias")):
+        array = unpermute_rotary(array, config.num_kv_heads)
+      return array.T if transpose else array
+
+    return lambda index: whole()[index]
+
+  return common.assemble(abstract, reader, mesh=mesh, rules=rules)
 
 
 # --------------------------------------------------------------------------------------------

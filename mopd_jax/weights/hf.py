@@ -11,8 +11,9 @@ and, when known, `generation_config.json` and the tokenizer files, loadable by
 `transformers.AutoModelForCausalLM.from_pretrained`. Export then import is bit-exact.
 
 Layout: our kernels are [in, out], HF `nn.Linear.weight` is [out, in]; names otherwise
-mirror HF (`model.layers.{i}.self_attn.q_proj.weight` <-> `layers.{i}.self_attn.q_proj.kernel`,
-RMSNorm `weight` <-> `scale`, `model.embed_tokens.weight` <-> `embed_tokens.embedding`).
+mirror HF (`model.layers.{i}.self_attn.q_proj.weight` <-> layer i of our stacked
+`layers.self_attn.q_proj.kernel`, RMSNorm `weight` <-> `scale`, `model.embed_tokens.weight` <->
+`embed_tokens.embedding`).
 """
 
 from __future__ import annotations
@@ -177,7 +178,8 @@ def config_to_hf(config: ModelConfig, **extra: Any) -> dict[str, Any]:
 
 
 def hf_tensor_name(path: common.ParamPath) -> tuple[str, bool]:
-  """HF name of one of our parameters, and whether HF stores it transposed."""
+  """HF name of one of our file tensors (`common.file_params`: layer parameters as
+  `("layers", i, ...)`), and whether HF stores it transposed."""
   keys = [str(k) for k in path]
   leaf = keys[-1]
   if keys == ["embed_tokens", "embedding"]:
@@ -283,16 +285,14 @@ def load_hf_checkpoint(
   elif param_dtype or dtype:
     config = config.replace(param_dtype=param_dtype or config.param_dtype, dtype=dtype or config.dtype)
   abstract = abstract_model(config)
-  names = {
-      path: hf_tensor_name(path) + (tuple(var.get_value().shape),)
-      for path, var in common.flat_params(abstract)}
+  names = {file_path: hf_tensor_name(file_path) + (shape,) for file_path, _, _, shape in common.file_params(abstract)}
   expected = {name: _hf_shape(shape, t) for name, t, shape in names.values()}
   with contextlib.ExitStack() as stack:
     files = _SafetensorsFiles(directory, stack)
     _check_tensors(files, expected, config, directory)
 
-    def load_param(path, shape, dtype_, sharding):
-      name, transpose, _ = names[path]
+    def reader(file_path, shape):
+      name, transpose, _ = names[file_path]
       tensor = files.slice(name)
 
       def read(index):
@@ -300,9 +300,9 @@ def load_hf_checkpoint(
           return tensor[tuple(reversed(index))].T
         return tensor[index]
 
-      return common.place(read, shape, dtype_, sharding)
+      return read
 
-    return common.assemble(abstract, load_param, mesh=mesh, rules=rules)
+    return common.assemble(abstract, reader, mesh=mesh, rules=rules)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,8 +316,24 @@ def _host_array(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+class _OneParamOnHost:
+  """Host copy of the parameter last asked for: a stacked parameter's layers are written one
+  after another, so each parameter is gathered to the host once, and only one at a time."""
+
+  def __init__(self, vars_by_path: Mapping[common.ParamPath, Any]):
+    self._vars = vars_by_path
+    self._path: Optional[common.ParamPath] = None
+    self._array: Optional[np.ndarray] = None
+
+  def get(self, path: common.ParamPath) -> np.ndarray:
+    if path != self._path:
+      self._path, self._array = path, None  # drop the previous one before gathering the next
+      self._array = _host_array(self._vars[path].get_value())
+    return self._array
+
+
 def _shard_plan(
-    entries: Sequence[tuple[str, common.ParamPath, bool, tuple[int, ...], Any]], max_shard_size: int,
+    entries: Sequence[tuple[str, Any, bool, tuple[int, ...], Any]], max_shard_size: int,
 ) -> list[list[int]]:
   shards: list[list[int]] = [[]]
   size = 0
@@ -349,23 +365,24 @@ def save_hf_checkpoint(
 
   directory = Path(directory)
   config: ModelConfig = model.config
-  entries = []
-  for path, var in common.flat_params(model):
-    name, transpose = hf_tensor_name(path)
-    value = var.get_value()
-    entries.append((name, path, transpose, tuple(value.shape), value.dtype))
   vars_by_path = dict(common.flat_params(model))
+  entries = []
+  for file_path, path, layer, shape in common.file_params(model):
+    name, transpose = hf_tensor_name(file_path)
+    entries.append((name, (path, layer), transpose, shape, vars_by_path[path].get_value().dtype))
   plan = _shard_plan(entries, max_shard_size)
   writer = jax.process_index() == 0
   if writer:
     directory.mkdir(parents=True, exist_ok=True)
   weight_map, total = {}, 0
+  host = _OneParamOnHost(vars_by_path)
   for s, members in enumerate(plan):
     file = SINGLE_FILE if len(plan) == 1 else f"model-{s + 1:05d}-of-{len(plan):05d}.safetensors"
     tensors = {}
     for k in members:
-      name, path, transpose, _, _ = entries[k]
-      array = _host_array(vars_by_path[path].get_value())
+      name, (path, layer), transpose, _, _ = entries[k]
+      array = host.get(path)
+      array = array if layer is None else array[layer]
       tensors[name] = np.ascontiguousarray(array.T if transpose else array)
       weight_map[name] = file
       total += tensors[name].nbytes
