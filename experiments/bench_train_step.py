@@ -18,24 +18,13 @@ peer context adds tokens), teacher row = teacher prompt + the same response (102
 2560). Every row is full (no padding): every token is real work. The StepConfig group size
 is gcd(rows, 8) (it only shapes the alignment-AUC metric).
 
-Model FLOPs per step (counted once: no rematerialisation, no masked-out work skipped).
-  L layers, d hidden, m MLP width, H / K query / kv heads of size dh, V vocab, d_attn = H*dh,
-  P_layer = 2*d*d_attn + 2*d*K*dh + 3*d*m   (q, o, k, v, gate/up/down matmul weights),
-  B rows, Ts = student row, Tt = teacher row, R = response length.
-  forward(T, tokens) = 2*L*P_layer*tokens            (trunk matmuls)
-                     + 4*L*d_attn*B*T^2              (QK^T and PV, the full T x T square:
-                                                      the dense masked kernel computes it all)
-  head = 2*d*V*B*R   (logits only at the R positions that predict the response: the chunked
-                      loss never forms logits at prompt positions)
-  student = 3 * (forward(Ts, B*Ts) + head)           (forward + backward = 3x forward)
-  teacher = forward(Tt, B*Tt) + head
-  model FLOPs = student + teacher.  Norms, RoPE, softmax, loss, AdamW and EMA are ignored.
-  Extra hardware work not in the model FLOPs (printed separately): the chunked loss
-  recomputes the student logits in the backward pass (+head), and --remat recomputes every
-  layer's forward (+forward(Ts, B*Ts)).
-  MFU = model FLOPs / step time / peak (989 TFLOP/s dense bf16 on H100/H200, auto; else
-  --peak-tflops). XLA's own count (`compiled.cost_analysis()`) is printed for comparison; it
-  counts a while-loop body once, so the lax.map over loss chunks is under-counted.
+Model FLOPs per step: `mopd_jax.flops.train_step_flops` (the formula is in that module's
+docstring; counted once: no rematerialisation, no masked-out work skipped). Extra hardware work
+not in the model FLOPs (printed separately): the chunked loss recomputes the student logits in
+the backward pass, and --remat recomputes every layer's forward.
+MFU = model FLOPs / step time / peak (989 TFLOP/s dense bf16 on H100/H200, auto; else
+--peak-tflops). XLA's own count (`compiled.cost_analysis()`) is printed for comparison; it
+counts a while-loop body once, so the lax.map over loss chunks is under-counted.
 
 `--profile DIR` traces one more step with `jax.profiler` after the timed runs and prints the
 device ops that took the most time (experiments/profile_summary.py reads the trace again).
@@ -58,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import gc
 import json
 import math
@@ -73,53 +61,11 @@ from typing import Any, Optional
 import numpy as np
 
 from mopd_jax.batching import RolloutRows, TrainBatch, build_train_batch
+from mopd_jax.flops import TrainShape as Shape, train_step_flops as model_flops
 from mopd_jax.models import ModelConfig, get_preset
 
 H100_BF16_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
 GIB = 1024 ** 3
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-  rows: int
-  prompt: int
-  teacher_prompt: int
-  response: int
-
-  @property
-  def student_len(self) -> int:
-    return self.prompt + self.response
-
-  @property
-  def teacher_len(self) -> int:
-    return self.teacher_prompt + self.response
-
-
-@dataclasses.dataclass(frozen=True)
-class Flops:
-  student: float  # forward + backward of the student, incl. its LM head at the response positions
-  teacher: float  # teacher forward
-  recompute: float  # hardware work beyond the model FLOPs (loss-chunk logits, --remat layers)
-
-  @property
-  def model(self) -> float:
-    return self.student + self.teacher
-
-
-def model_flops(cfg: ModelConfig, shape: Shape) -> Flops:
-  """The formula of the module docstring."""
-  d, L, b, r = cfg.hidden_size, cfg.num_layers, shape.rows, shape.response
-  d_attn = cfg.num_heads * cfg.head_dim
-  p_layer = 2 * d * d_attn + 2 * d * cfg.num_kv_heads * cfg.head_dim + 3 * d * cfg.intermediate_size
-
-  def forward(t: int) -> float:
-    return 2.0 * L * p_layer * b * t + 4.0 * L * d_attn * b * t * t
-
-  head = 2.0 * d * cfg.vocab_size * b * r
-  student = 3.0 * (forward(shape.student_len) + head)
-  teacher = forward(shape.teacher_len) + head
-  recompute = head + (forward(shape.student_len) if cfg.remat else 0.0)
-  return Flops(student=student, teacher=teacher, recompute=recompute)
 
 
 def synthetic_batch(cfg: ModelConfig, shape: Shape, group_size: int, seed: int = 0) -> TrainBatch:

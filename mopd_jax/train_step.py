@@ -137,6 +137,13 @@ def _teacher_side(cfg: StepConfig, student_graphdef, teacher_graphdef, student_p
   return lax.stop_gradient(hidden), lax.stop_gradient(unembed), logit_fn
 
 
+def teacher_hidden(cfg: StepConfig, student_graphdef, teacher_graphdef, student_params, teacher: TeacherState,
+                   batch: TrainBatch):
+  """The teacher's forward of a distillation step on its own (no gradient): its hidden states at
+  the response positions (a pair for `trust_region`). `mopd_jax.aot` compiles and sizes it."""
+  return _teacher_side(cfg, student_graphdef, teacher_graphdef, student_params, teacher, batch)[0]
+
+
 def _reference_logp(cfg: StepConfig, student_graphdef, teacher: TeacherState, batch: TrainBatch) -> Array:
   r = batch.response_tokens.shape[1]
   h, w = response_hidden(student_graphdef, teacher.params, batch.student_tokens, batch.student_segments, r)
@@ -165,12 +172,21 @@ def make_train_step(
     cfg: StepConfig,
     teacher_graphdef=None,
     learning_rate_fn: Optional[Callable[[Array], Array]] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ):
-  """The pure update function for one batch (see module docstring)."""
+  """The pure update function for one batch (see module docstring).
+
+  `mesh`: the mesh the step is jitted over; the models are traced under it so that per-device
+  kernels (splash attention) can wrap themselves in `shard_map`.
+  """
   if cfg.teacher_mode == "external" and teacher_graphdef is None:
     raise ValueError("teacher_mode='external' needs the external teacher's graphdef")
 
   def step(state: TrainState, teacher: TeacherState, batch: TrainBatch, rng: Array):
+    with sharding.activation_mesh(mesh):
+      return unsharded_step(state, teacher, batch, rng)
+
+  def unsharded_step(state: TrainState, teacher: TeacherState, batch: TrainBatch, rng: Array):
     del rng  # the update is deterministic; kept in the signature for stochastic variants
     r = batch.response_tokens.shape[1]
     targets = batch.response_tokens

@@ -19,7 +19,7 @@ from flax import nnx
 from mopd_jax import batching, checkpointing, config_lib, losses, peers, sharding
 from mopd_jax import sampling as sampling_lib
 from mopd_jax.logging_lib import MetricsLogger, flatten_metrics
-from mopd_jax.models import get_preset, init_model
+from mopd_jax.models import ModelConfig, get_preset, init_model
 from mopd_jax.passk import aggregate_pass_at_k
 from mopd_jax.tasks import load_task
 from mopd_jax.tokenizer import Tokenizer
@@ -37,14 +37,35 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------- start-up
 
 
+def compute_options(model_config, *, backward: bool = True) -> dict[str, Any]:
+  """How the model computes, from `config.model`: its fields named like `ModelConfig` fields
+  (dtype, remat, attention_chunk, attention_impl, and any later switch), param_dtype apart.
+  Keyword arguments of `load_model_and_tokenizer` / `preset_model_config`: one mapping for
+  the trainer and `mopd_jax.aot`. backward=False: a model never differentiated (no remat)."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"param_dtype"}
+  options = {k: model_config[k] for k in model_config if k in fields}
+  if not backward:
+    options["remat"] = False
+  return options
+
+
+def preset_model_config(preset: str, param_dtype: str, **compute: Any) -> ModelConfig:
+  """A preset's architecture with the run's param dtype and `compute_options`; reads no file.
+
+  With a checkpoint the architecture comes from the file instead, and a random-init run
+  widens the vocabulary to its tokenizer's (`load_model_and_tokenizer`).
+  """
+  return get_preset(preset).replace(param_dtype=param_dtype, **compute)
+
+
 def load_model_and_tokenizer(preset: str, checkpoint: str, tokenizer_path: str, param_dtype: str, dtype: str,
-                             seed: int, *, remat: bool = False, attention_chunk: int = 0,
-                             attention_impl: str = "xla"):
-  """(model, tokenizer). checkpoint: HF dir, .gguf, "smollm2-gguf", or "" for random init."""
+                             seed: int, **compute: Any):
+  """(model, tokenizer). checkpoint: HF dir, .gguf, "smollm2-gguf", or "" for random init.
+  compute: ModelConfig fields saying how the model computes (remat, attention_impl, ...)."""
   from mopd_jax import weights
   from mopd_jax.tokenizer import load_tokenizer
 
-  compute = dict(dtype=dtype, remat=bool(remat), attention_chunk=int(attention_chunk), attention_impl=attention_impl)
+  compute = dict(compute, dtype=dtype)
   if checkpoint:
     path = weights.smollm2_gguf_path() if checkpoint == "smollm2-gguf" else checkpoint
     model, tokenizer = weights.load_pretrained(path, param_dtype=param_dtype)
@@ -55,7 +76,7 @@ def load_model_and_tokenizer(preset: str, checkpoint: str, tokenizer_path: str, 
       nnx.update(fresh, state)
       model = fresh
   else:
-    cfg = get_preset(preset).replace(param_dtype=param_dtype, **compute)
+    cfg = preset_model_config(preset, param_dtype, **compute)
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else weights.load_gguf_tokenizer(
         weights.smollm2_gguf_path())
     if cfg.vocab_size < tokenizer.vocab_size:
@@ -140,17 +161,24 @@ def chat_prompt_tokens(tokenizer: Tokenizer, messages: Sequence[Message], enable
       [m.as_dict() for m in messages], add_generation_prompt=True, enable_thinking=enable_thinking)
 
 
+def sampling_params(config, *, temperature: float, max_new_tokens: int, stop_token_ids: Sequence[int] = (),
+                    pad_id: int = 0) -> sampling_lib.SamplingParams:
+  """How the run samples (training rollouts and evaluation differ in temperature and length)."""
+  return sampling_lib.SamplingParams(
+      temperature=temperature, top_p=config.sampling.top_p, top_k=config.sampling.top_k or None,
+      max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_token_ids), pad_id=pad_id,
+      stop_strings=tuple(config.sampling.stop_strings), prompt_buckets=tuple(config.data.prompt_buckets),
+      generation_buckets=tuple(config.data.response_buckets))
+
+
 def sample_and_verify(run: "Run", examples: Sequence[Example], rng, *, group_size: int, temperature: float,
                       max_new_tokens: int, first_prompt_id: int = 0) -> Rollouts:
   """Sample G rollouts per example and verify them. `first_prompt_id`: the global index of
   examples[0], which keys each prompt's random stream (see `sampling.sample`)."""
   cfg = run.config
   prompts = [chat_prompt_tokens(run.tokenizer, e.prompt, cfg.sampling.enable_thinking) for e in examples]
-  params = sampling_lib.SamplingParams(
-      temperature=temperature, top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k or None,
-      max_new_tokens=max_new_tokens, stop_token_ids=tuple(run.tokenizer.eos_ids), pad_id=run.tokenizer.pad_id,
-      stop_strings=tuple(cfg.sampling.stop_strings), prompt_buckets=tuple(cfg.data.prompt_buckets),
-      generation_buckets=tuple(cfg.data.response_buckets))
+  params = sampling_params(cfg, temperature=temperature, max_new_tokens=max_new_tokens,
+                           stop_token_ids=tuple(run.tokenizer.eos_ids), pad_id=run.tokenizer.pad_id)
   result = sampling_lib.sample(
       (run.sampler_graphdef, run.sampler_params()), prompts, num_samples=group_size, rng=rng,
       sampling_params=params, mesh=run.sample_mesh,
@@ -286,6 +314,22 @@ class Run:
             "rng": sharding.replicated(self.mesh)}
 
 
+def check_process_mesh(config, process_count: int) -> None:
+  """Multi-process runs sample from a local copy of the params: they must be replicated."""
+  if process_count > 1 and (config.mesh.fsdp != 1 or config.mesh.tensor != 1):
+    raise config_lib.ConfigError(
+        f"config.mesh: multi-process runs ({process_count} processes) sample from a local copy of the params, "
+        "which needs them replicated (mesh.fsdp = mesh.tensor = 1)")
+
+
+def optimizer_from_config(config):
+  """(optax optimizer, learning-rate schedule) from `config.optim` and `config.train.steps`."""
+  o = config.optim
+  return make_optimizer(
+      o.lr, warmup_steps=o.warmup_steps, total_steps=config.train.steps, schedule=o.schedule, b1=o.b1, b2=o.b2,
+      eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+
+
 def setup(config) -> Run:
   if config.distributed.enabled:
     # CPU multi-process runs (tests, laptops) need gloo collectives; ignored on GPU/TPU.
@@ -294,34 +338,28 @@ def setup(config) -> Run:
         coordinator_address=config.distributed.coordinator_address,
         num_processes=config.distributed.num_processes, process_id=config.distributed.process_id)
   config_lib.validate(config, num_devices=jax.device_count())
-  if jax.process_count() > 1 and (config.mesh.fsdp != 1 or config.mesh.tensor != 1):
-    raise config_lib.ConfigError(
-        "config.mesh: multi-process runs sample from a local copy of the params, which needs them "
-        "replicated (mesh.fsdp = mesh.tensor = 1)")
+  check_process_mesh(config, jax.process_count())
   mesh = sharding.make_mesh(sharding.MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   m = config.model
-  model, tokenizer = load_model_and_tokenizer(m.preset, m.checkpoint, m.tokenizer, m.param_dtype, m.dtype, config.seed,
-                                              remat=m.remat, attention_chunk=m.attention_chunk,
-                                              attention_impl=m.attention_impl)
+  model, tokenizer = load_model_and_tokenizer(m.preset, m.checkpoint, m.tokenizer, m.param_dtype, seed=config.seed,
+                                              **compute_options(m))
   graphdef, params = nnx.split(model, nnx.Param)
   params = sharding.shard_params(params, mesh)
   step_cfg = step_config(config)
   teacher_graphdef, external_params = None, None
   if config.teacher.mode == "external":
     t_model, t_tok = load_model_and_tokenizer(
-        config.teacher.external_preset, config.teacher.external_checkpoint, "", m.param_dtype, m.dtype, config.seed,
-        attention_chunk=m.attention_chunk, attention_impl=m.attention_impl)  # no backward: no remat
+        config.teacher.external_preset, config.teacher.external_checkpoint, "", m.param_dtype, seed=config.seed,
+        **compute_options(m, backward=False))
     check_same_tokenizer(tokenizer, t_tok)
     teacher_graphdef, external_params = nnx.split(t_model, nnx.Param)
     external_params = sharding.shard_params(external_params, mesh)
-  optimizer, lr_fn = make_optimizer(
-      config.optim.lr, warmup_steps=config.optim.warmup_steps, total_steps=config.train.steps,
-      schedule=config.optim.schedule, b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
-      weight_decay=config.optim.weight_decay, grad_clip=config.optim.grad_clip)
+  optimizer, lr_fn = optimizer_from_config(config)
   state = init_train_state(params, optimizer)
   teacher = init_teacher_state(step_cfg, params, external_params)
   step_fn = jit_train_step(
-      make_train_step(graphdef, optimizer, step_cfg, teacher_graphdef=teacher_graphdef, learning_rate_fn=lr_fn),
+      make_train_step(graphdef, optimizer, step_cfg, teacher_graphdef=teacher_graphdef, learning_rate_fn=lr_fn,
+                      mesh=mesh),
       mesh, state, teacher)
   state = jax.device_put(state, step_fn.state_shardings)
   teacher = jax.device_put(teacher, step_fn.teacher_shardings)

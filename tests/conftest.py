@@ -8,6 +8,12 @@ import os
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (jax[tpu], for the ahead-of-time TPU compiles of test_aot.py / test_splash.py) loads
+# only when a test asks for a TPU topology; on a host without TPUs these settings keep it quiet
+# and let parallel test processes load it (no /tmp/libtpu_lockfile). The backend stays CPU.
+from mopd_jax.aot import quiet_libtpu_environment  # noqa: E402  (stdlib only at import)
+
+quiet_libtpu_environment()
 
 import jax  # noqa: E402
 
