@@ -82,7 +82,7 @@ def compile_sampler(cfg, args) -> float:
   sampling._decode.lower(
       graphdef, state, prefilled.cache, prefilled.logits, prefilled.positions,
       jax.ShapeDtypeStruct((), jax.random.key(0).dtype), jax.ShapeDtypeStruct((rows,), jnp.int32),
-      sampling._limits(params), rule=params.token_rule(), generation_len=args.response, mesh=None).compile()
+      sampling.limits(params), rule=params.token_rule(), generation_len=args.response, mesh=None).compile()
   return time.perf_counter() - start
 
 

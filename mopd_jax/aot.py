@@ -32,22 +32,24 @@ Programs (`--programs`, default all), at the largest shapes the run reaches:
           teacher prompt bucket | response] for the teacher. response = the response bucket
           that holds `sampling.max_new_tokens`: responses never outgrow it.
   sample  the sampler's prefill (prompts_per_step prompts at the largest prompt bucket, a
-          cache of prompt + generation bucket slots, repeated to G rows each) and its decode
-          program (one `lax.while_loop`: its body, one decode step, compiled once).
+          cache of prompt + generation bucket slots, repeated to G rows each) and one decode
+          step (`sampling.decode_step`, the body of the decode loop, on the loop's carry: the
+          cache and token buffers, donated as the loop updates them in place): the decode
+          loop runs it once per generated token, so its memory and FLOPs are the decode's.
   score   the teacher's forward over [teacher prompt | response] rows as the train step runs
           it, no gradient (distillation methods only).
 Evaluation sampling (`config.eval`) is not compiled.
 
 Reading the table (all sizes per device, i.e. per chip; per TensorCore on v4):
   args / outs  the program's inputs and outputs; aliased: outputs written into donated inputs
-               (the train step's states, the decode cache) and counted once.
+               (the train step's states, the decode step's cache and buffers) and counted once.
   temps        the compiler's temporaries (activations, gradients, scratch).
   live         args + outs - aliased + temps: what the program holds at once; it must stay
                under the HBM column (the compiler also places its code, the "code" column).
   model FLOPs  mopd_jax.flops: the matmul work of one call (whole mesh; per device = / devices);
                XLA is `cost_analysis()["flops"]` per device. XLA counts a loop body once
-               (scanned layers, the decode loop, the loss's chunks) and Pallas kernels
-               (splash attention) not at all: compare with care.
+               (scanned layers, the loss's chunks) and Pallas kernels (splash attention) not
+               at all: compare with care.
 
 `model.attention_impl=splash` is compiled as the TPU kernel (not the CPU interpreter).
 Exit status: 0 every program fits; 1 one does not ("train_step: needs X GiB per chip, TPU v5
@@ -552,8 +554,22 @@ def compile_teacher_score(plan: Plan, states: _States) -> ProgramReport:
   return report
 
 
+def _decode_state_shardings(s, mesh, rows_sharding: Callable[[int], Any], repl, num_kv_heads: int):
+  """The sampler's shardings for a DecodeState: rows over data x fsdp, the stacked cache by
+  `sharding.cache_sharding`, scalars replicated (off the mesh: all on `repl`, one chip)."""
+  import jax
+
+  from mopd_jax import sharding
+
+  shardings = jax.tree.map(lambda x: repl if x.ndim == 0 else rows_sharding(x.ndim), s)
+  if mesh is not None:
+    kv = sharding.cache_sharding(mesh, num_kv_heads)
+    shardings = shardings.replace(cache=shardings.cache.replace(keys=kv, values=kv))
+  return shardings
+
+
 def compile_sampler(plan: Plan, states: _States) -> tuple[ProgramReport, ProgramReport]:
-  """The prefill and the decode loop, as `sampling.sample` calls them in the trainer."""
+  """The prefill and one decode step, as `sampling.sample` calls them in the trainer."""
   import jax
   import numpy as np
   from jax.sharding import SingleDeviceSharding
@@ -586,21 +602,30 @@ def compile_sampler(plan: Plan, states: _States) -> tuple[ProgramReport, Program
                                       generation_len=gen_len, mesh=mesh),
       devices=devices, topology=plan.topology, model_flops=flops.prefill_flops(plan.student, b, lp),
       context=context)
-  decode_shapes = f"{rows} rows, {gen_len} tokens over a cache of {lp + gen_len} slots"
+  decode_shapes = f"{rows} rows, one token per step ({gen_len} in all) over a cache of {lp + gen_len} slots"
   step_flops = flops.decode_step_flops(plan.student, rows, lp + gen_len)
   if compiled is None:
     return prefill, _skipped("sample_decode", decode_shapes, "its inputs are the prefill's outputs, which do not fit",
                              devices, plan.topology)
-  # The decode program takes the prefill's outputs as they come out of it (shapes, shardings).
+  # One step's inputs: the prefill's outputs as they come out of it, the decode loop's carry
+  # built from them as `sampling._decode` builds it (shapes only), with the sampler's shardings.
   out = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), compiled.out_info)
+  rule = sp.token_rule()
   limits = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=repl),
-                        sampling._limits(sp))
-  rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=repl)
-  row_ids = jax.ShapeDtypeStruct((rows,), np.int32, sharding=rows_sharding(1))
+                        sampling.limits(sp))
+  key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
+  keys = jax.ShapeDtypeStruct((rows,), key_dtype, sharding=rows_sharding(1))  # sampling.row_keys
+  initial = lambda cache, logits, keys, limits: sampling.initial_decode_state(
+      cache, logits, keys, limits, rule=rule, generation_len=gen_len, mesh=mesh)
+  carry = jax.eval_shape(initial, out.cache, out.logits, keys, limits)
+  carry = _with_shardings(carry, _decode_state_shardings(carry, mesh, rows_sharding, repl, plan.student.num_kv_heads))
+  # The carry donated as the loop updates it in place; keep_unused: the loop carries every field,
+  # also those the step overwrites without reading (`Decoded.steps`), so all of it is aliased.
+  step = jax.jit(sampling.decode_step, static_argnames=("graphdef", "rule", "mesh"), donate_argnames=("s",),
+                 keep_unused=True)
   decode, _ = compile_program(
       "sample_decode", decode_shapes,
-      lambda: sampling._decode.lower(states.graphdef, params, out.cache, out.logits, out.positions, rng, row_ids,
-                                     limits, rule=sp.token_rule(), generation_len=gen_len, mesh=mesh),
+      lambda: step.lower(states.graphdef, params, carry, out.positions, keys, limits, rule=rule, mesh=mesh),
       devices=devices, topology=plan.topology, model_flops=step_flops, context=context)
   return prefill, decode
 
@@ -626,7 +651,7 @@ def compile_all(config, topology: Topology, programs: Sequence[str] = PROGRAMS,
   if "train" in programs:
     run("train_step", _train_shapes_text(plan), lambda: compile_train_step(plan, states))
   if "sample" in programs:
-    run("sampler", f"prefill + decode, {plan.sample_prompts} prompts x {plan.config.sampling.group_size}",
+    run("sampler", f"prefill + decode step, {plan.sample_prompts} prompts x {plan.config.sampling.group_size}",
         lambda: compile_sampler(plan, states))
   if "score" in programs:
     run("teacher_score", f"{plan.rows} teacher rows", lambda: compile_teacher_score(plan, states))

@@ -15,9 +15,11 @@ How a call runs
    the last prompt position only; then each cache row and logit row is repeated G times
    (prompt b -> rows b*G .. b*G+G-1), so a group's G rows start from identical caches.
 3. `_decode` (jit, cache donated): the first token of every row is sampled from the prefill
-   logits (the G copies draw independent uniforms); then a `lax.while_loop` feeds the last
-   token, samples the next one, and stops early once every row has emitted a stop token or
-   reached `max_new_tokens`. Finished rows emit `pad_id` and are masked.
+   logits (the G copies draw independent uniforms; `initial_decode_state`); then a
+   `lax.while_loop` runs `decode_step` (feed the last token, sample the next one) and stops
+   early once every row has emitted a stop token or reached `max_new_tokens`. Finished rows
+   emit `pad_id` and are masked. `decode_step` is public and pure so that `mopd_jax.aot` can
+   compile one step alone.
 4. Host: stop strings are matched in the detokenised text (see `_cut_at_stop_string` for the
    token-boundary rule) and the typed `SampleResult` is built from numpy arrays.
 
@@ -299,7 +301,9 @@ class Decoded:
 
 
 @flax.struct.dataclass
-class _DecodeState:
+class DecodeState:
+  """The decode loop's carry: what one `decode_step` takes and returns."""
+
   step: Array  # [] int32, index of the token to generate next
   last_token: Array  # [R] int32
   out: Decoded
@@ -337,7 +341,7 @@ def _prefill(
 
 
 @flax.struct.dataclass
-class _Limits:
+class Limits:
   """When rows end, as traced values: changing them does not recompile."""
 
   max_new_tokens: Array  # [] int32, <= the generation bucket
@@ -348,17 +352,17 @@ class _Limits:
 _STOP_SLOTS = 8  # stop-token capacity of one program (more ids: a bigger power of two)
 
 
-def _limits(params: SamplingParams) -> _Limits:
+def limits(params: SamplingParams) -> Limits:
   ids = list(params.stop_token_ids)
   slots = max(_STOP_SLOTS, 1 << max(len(ids) - 1, 0).bit_length())
-  return _Limits(
+  return Limits(
       max_new_tokens=np.int32(params.max_new_tokens),
       stop_token_ids=np.array(ids + [-1] * (slots - len(ids)), np.int32),
       pad_id=np.int32(params.pad_id))
 
 
-def _record(s: _DecodeState, sample: TokenSample, limits: _Limits, mesh: Optional[Mesh]
-            ) -> _DecodeState:
+def _record(s: DecodeState, sample: TokenSample, limits: Limits, mesh: Optional[Mesh]
+            ) -> DecodeState:
   """Write token `s.step` of every active row; finished rows get pad and zero log-probs."""
   active = ~s.done
   token = jnp.where(active, sample.token, limits.pad_id)
@@ -378,6 +382,87 @@ def _record(s: _DecodeState, sample: TokenSample, limits: _Limits, mesh: Optiona
   return s.replace(step=s.step + 1, last_token=token, out=out, done=done)
 
 
+def row_keys(rng: Array, row_ids: Array) -> Array:
+  """[R] PRNG keys, one random stream per row, keyed by its global id (row_ids [R] int32)."""
+  # By global id: a row's samples do not depend on which other prompts share the batch (or
+  # the process), so multi-process runs match single-process ones.
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids)
+
+
+def _draw(keys: Array, step: Union[int, Array], logits: Array, rule: TokenRule, mesh: Optional[Mesh]
+          ) -> TokenSample:
+  """Token `step` of every row, from the row's own stream (`row_keys`)."""
+  uniforms = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (), jnp.float32))(keys)
+  return sample_with_uniform(logits, sharding.constrain(uniforms, mesh), rule)
+
+
+def initial_decode_state(
+    cache: KVCache,  # Prefilled.cache
+    first_logits: Array,  # [R, V] Prefilled.logits
+    keys: Array,  # [R] row_keys(rng, row_ids)
+    limits: Limits,
+    *,
+    rule: TokenRule,
+    generation_len: int,  # N: the generation bucket
+    mesh: Optional[Mesh],
+) -> DecodeState:
+  """The decode loop's first carry: token 0 of every row already sampled (pure, traceable).
+
+  Token 0 comes from the prefill logits (no model call); each of a group's G copies draws its
+  own uniform. `jax.eval_shape` of it gives the carry's shapes without running anything.
+  """
+  rows = first_logits.shape[0]
+  buffer = lambda dtype: sharding.constrain(jnp.zeros((rows, generation_len), dtype), mesh)
+  s = DecodeState(
+      step=jnp.zeros((), jnp.int32),
+      last_token=jnp.zeros((rows,), jnp.int32),
+      out=Decoded(
+          tokens=buffer(jnp.int32) + limits.pad_id,
+          logprobs=buffer(jnp.float32), scaled_logprobs=buffer(jnp.float32),
+          model_logprobs=buffer(jnp.float32), lengths=jnp.zeros((rows,), jnp.int32),
+          stopped=jnp.zeros((rows,), bool), steps=jnp.zeros((), jnp.int32)),
+      done=jnp.zeros((rows,), bool),
+      cache=cache)
+  return _record(s, _draw(keys, 0, first_logits, rule, mesh), limits, mesh)
+
+
+def decode_step(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    s: DecodeState,
+    first_positions: Array,  # [R] Prefilled.positions
+    keys: Array,  # [R] row_keys(rng, row_ids)
+    limits: Limits,
+    *,
+    rule: TokenRule,
+    mesh: Optional[Mesh],
+) -> DecodeState:
+  """One decode step (the body of `_decode`'s while loop; pure, traceable): feed every row's
+  last token through the model, sample token `s.step`, record it.
+
+  Rows already done record pad; the loop stops once every row is done or `max_new_tokens`
+  tokens are out (`_keep_going`). Jitted alone (graphdef, rule and mesh static; `s` donated, as
+  the loop updates its carry in place) it is one iteration of the loop: `mopd_jax.aot`
+  compiles it to size the decode program.
+  """
+  model = nnx.merge(graphdef, state)
+  rows = s.last_token.shape[0]
+  positions = first_positions + s.step - 1  # RoPE position of the token being fed
+  ones = jnp.ones((rows, 1), jnp.int32)
+  # Under the mesh like `_prefill`'s model call; a one-token step with a cache always takes
+  # the XLA attention path, so this changes nothing in the program today.
+  with sharding.activation_mesh(mesh):
+    out = model(s.last_token[:, None], positions[:, None], ones, s.cache)
+  s = s.replace(cache=sharding.constrain_cache(out.cache, mesh, model.config.num_kv_heads))
+  logits = sharding.constrain(out.logits[:, 0], mesh)
+  return _record(s, _draw(keys, s.step, logits, rule, mesh), limits, mesh)
+
+
+def _keep_going(s: DecodeState, limits: Limits) -> Array:
+  """The decode loop's condition: a token left in the budget and a row not done."""
+  return (s.step < limits.max_new_tokens) & ~jnp.all(s.done)
+
+
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "rule", "generation_len", "mesh"),
     donate_argnames=("cache",))
@@ -389,7 +474,7 @@ def _decode(
     first_positions: Array,  # [R] Prefilled.positions
     rng: Array,
     row_ids: Array,  # [R] int32: each row's random stream (prompt id * G + sample index)
-    limits: _Limits,
+    limits: Limits,
     *,
     rule: TokenRule,
     generation_len: int,  # N: the generation bucket
@@ -400,40 +485,10 @@ def _decode(
   The cache comes back so that the donated prefill cache is aliased to it (no copy).
   """
   TRACE_COUNTS["decode"] += 1
-  config: ModelConfig = nnx.merge(graphdef, state).config
-  rows = first_logits.shape[0]
-  # One stream per row, keyed by its global id: a row's samples do not depend on which other
-  # prompts share the batch (or the process), so multi-process runs match single-process ones.
-  row_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids)
-  uniforms = lambda step: jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (), jnp.float32))(row_keys)
-  draw = lambda step, logits: sample_with_uniform(logits, sharding.constrain(uniforms(step), mesh), rule)
-  buffer = lambda dtype: sharding.constrain(jnp.zeros((rows, generation_len), dtype), mesh)
-  s = _DecodeState(
-      step=jnp.zeros((), jnp.int32),
-      last_token=jnp.zeros((rows,), jnp.int32),
-      out=Decoded(
-          tokens=buffer(jnp.int32) + limits.pad_id,
-          logprobs=buffer(jnp.float32), scaled_logprobs=buffer(jnp.float32),
-          model_logprobs=buffer(jnp.float32), lengths=jnp.zeros((rows,), jnp.int32),
-          stopped=jnp.zeros((rows,), bool), steps=jnp.zeros((), jnp.int32)),
-      done=jnp.zeros((rows,), bool),
-      cache=cache)
-  # Token 0 comes from the prefill logits; each of a group's G copies draws its own uniform.
-  s = _record(s, draw(0, first_logits), limits, mesh)
-
-  def keep_going(s: _DecodeState) -> Array:
-    return (s.step < limits.max_new_tokens) & ~jnp.all(s.done)
-
-  def step(s: _DecodeState) -> _DecodeState:
-    model = nnx.merge(graphdef, state)
-    positions = first_positions + s.step - 1  # RoPE position of the token being fed
-    ones = jnp.ones((rows, 1), jnp.int32)
-    out = model(s.last_token[:, None], positions[:, None], ones, s.cache)
-    s = s.replace(cache=sharding.constrain_cache(out.cache, mesh, config.num_kv_heads))
-    logits = sharding.constrain(out.logits[:, 0], mesh)
-    return _record(s, draw(s.step, logits), limits, mesh)
-
-  s = jax.lax.while_loop(keep_going, step, s)
+  keys = row_keys(rng, row_ids)
+  s = initial_decode_state(cache, first_logits, keys, limits, rule=rule, generation_len=generation_len, mesh=mesh)
+  step = lambda s: decode_step(graphdef, state, s, first_positions, keys, limits, rule=rule, mesh=mesh)
+  s = jax.lax.while_loop(lambda s: _keep_going(s, limits), step, s)
   return s.out, s.cache
 
 
@@ -630,7 +685,7 @@ def sample(
   row_ids = (ids[:, None] * num_samples + np.arange(num_samples)[None, :]).reshape(-1).astype(np.int32)
   decoded, _ = _decode(
       graphdef, state, prefilled.cache, prefilled.logits, prefilled.positions, rng,
-      _to_device(row_ids, mesh), _limits(params), rule=params.token_rule(), generation_len=gen_len, mesh=mesh)
+      _to_device(row_ids, mesh), limits(params), rule=params.token_rule(), generation_len=gen_len, mesh=mesh)
   out = jax.device_get(decoded)
   return _finish(out, params, num_samples, tokens, lengths, truncated, decode_fn)
 

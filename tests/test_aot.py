@@ -48,7 +48,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("attention_impl", ["xla", "splash"])
-def test_tiny_config_compiles_every_program_on_a_data_fsdp_tensor_mesh(attention_impl):
+def test_tiny_config_compiles_every_program_on_a_fsdp_tensor_mesh(attention_impl):
   report = aot.compile_all(_tiny(attention_impl), _topology())
   assert [p.name for p in report.programs] == PROGRAMS
   assert report.mesh == {"data": 1, "fsdp": 2, "tensor": 2} and report.num_devices == 4
@@ -62,11 +62,26 @@ def test_tiny_config_compiles_every_program_on_a_data_fsdp_tensor_mesh(attention
   train = report.programs[0]
   assert train.shapes == "8 rows: student 64+16, teacher 256+16"  # 2 prompts x 4 rollouts
   assert train.alias_bytes > 0  # the donated train and teacher states
+  # One decode step: all its outputs are written into its donated carry (not aliased: only the
+  # result tuple's table of buffers, 64 bytes).
+  decode = report.programs[2]
+  assert decode.alias_bytes > 0 and 0 <= decode.output_bytes - decode.alias_bytes <= 128
   kernels = {p.name: p.mosaic_kernels for p in report.programs}
   if attention_impl == "splash":  # the compiled Pallas kernel, not the CPU interpreter
     assert kernels["train_step"] > 0 and kernels["teacher_score"] > 0
   else:
     assert not any(kernels.values())
+
+
+def test_splash_compiles_on_a_data_fsdp_tensor_mesh():
+  """All three mesh axes > 1: v4:2x2x1 has 8 devices on one host (one per TensorCore)."""
+  c = _tiny("splash", mesh=(2, 2, 2))
+  c.data.prompts_per_step = 4  # divisible by data x fsdp = 4: a prompt's rollouts stay on one shard
+  report = aot.compile_all(c, _topology("v4:2x2x1"))
+  assert report.mesh == {"data": 2, "fsdp": 2, "tensor": 2} and report.num_devices == 8
+  assert report.all_fit and report.exit_code == 0
+  kernels = {p.name: p.mosaic_kernels for p in report.programs}
+  assert kernels["train_step"] > 0 and kernels["teacher_score"] > 0 and kernels["sample_prefill"] > 0
 
 
 def test_cli_writes_the_report_as_json(tmp_path):
@@ -173,7 +188,7 @@ def test_several_hosts_sample_on_one_local_chip():
   assert report.num_hosts == 2 and [p.name for p in report.programs] == ["sample_prefill", "sample_decode"]
   for p in report.programs:
     assert p.fits and p.devices == 1 and p.model_flops_per_device == p.model_flops
-  assert report.programs[1].shapes == "16 rows, 16 tokens over a cache of 80 slots"
+  assert report.programs[1].shapes == "16 rows, one token per step (16 in all) over a cache of 80 slots"
 
 
 def test_plan_models_follow_the_config_switches():

@@ -163,7 +163,7 @@ def test_prefill_runs_once_per_prompt_and_groups_start_from_identical_caches():
   # The decode loop takes the prefill cache as a donated buffer and aliases it to its output.
   hlo = sampling._decode.lower(
       graphdef, state, out.cache, out.logits, out.positions, jax.random.key(0),
-      jnp.arange(b * g, dtype=jnp.int32), sampling._limits(SamplingParams(max_new_tokens=8)), rule=TokenRule(1.0, 1.0, 0),
+      jnp.arange(b * g, dtype=jnp.int32), sampling.limits(SamplingParams(max_new_tokens=8)), rule=TokenRule(1.0, 1.0, 0),
       generation_len=8, mesh=None).compile().as_text()
   assert "input_output_alias" in hlo.split("\n", 1)[0]
   for got, ref in zip((out.cache.keys, out.cache.values), (single.cache.keys, single.cache.values)):
@@ -171,6 +171,46 @@ def test_prefill_runs_once_per_prompt_and_groups_start_from_identical_caches():
   for got, ref in zip(jax.tree.leaves((out.cache.segment_ids, out.logits, out.positions)),
                       jax.tree.leaves((single.cache.segment_ids, single.logits, single.positions))):
     np.testing.assert_array_equal(np.asarray(got), np.repeat(np.asarray(ref), g, axis=0))
+
+
+@pytest.mark.parametrize("rule", [TokenRule(0.0, 1.0, 0), TokenRule(0.8, 0.9, 5)], ids=["greedy", "sampled"])
+def test_decode_step_by_hand_equals_the_decode_loop(rule):
+  """`_decode` = `initial_decode_state`, then `decode_step` while `_keep_going`: the steps jitted
+  one at a time, from the same keys, give the loop's tokens, log-probs and final cache."""
+  graphdef, state = _model("llama")
+  b, g, lp, n = 2, 2, 16, 8
+  tokens = np.zeros((b, lp), np.int32)
+  tokens[0, -5:], tokens[1, -9:] = np.arange(1, 6), np.arange(10, 19)
+  prefill = lambda: sampling._prefill(graphdef, state, jnp.asarray(tokens), jnp.array([5, 9], np.int32),
+                                      num_samples=g, generation_len=n, mesh=None)
+  rng, row_ids = jax.random.key(3), jnp.arange(b * g, dtype=jnp.int32)
+  decode = lambda pre, limits: sampling._decode(  # donates pre.cache
+      graphdef, state, pre.cache, pre.logits, pre.positions, rng, row_ids, limits, rule=rule,
+      generation_len=n, mesh=None)
+  # A stop token row 0 emits at step 2: row 0 ends early, the others run to max_new_tokens=6
+  # (below the bucket n), unless they emit it too.
+  free, _ = decode(prefill(), sampling.limits(SamplingParams(max_new_tokens=n)))
+  limits = sampling.limits(SamplingParams(max_new_tokens=6, stop_token_ids=(int(free.tokens[0, 2]),)))
+
+  pre = prefill()
+  keys = sampling.row_keys(rng, row_ids)
+  s = jax.jit(sampling.initial_decode_state, static_argnames=("rule", "generation_len", "mesh"))(
+      pre.cache, pre.logits, keys, limits, rule=rule, generation_len=n, mesh=None)
+  step = jax.jit(sampling.decode_step, static_argnames=("graphdef", "rule", "mesh"))
+  steps = 0
+  while sampling._keep_going(s, limits):
+    s = step(graphdef, state, s, pre.positions, keys, limits, rule=rule, mesh=None)
+    steps += 1
+  expected, cache = decode(pre, limits)
+  assert int(expected.steps) == steps + 1 and int(s.step) == steps + 1
+  assert bool(expected.stopped[0]) and int(expected.lengths[0]) <= 3
+  for name in ("tokens", "lengths", "stopped", "steps"):
+    np.testing.assert_array_equal(getattr(s.out, name), getattr(expected, name), err_msg=name)
+  # Same computation; only XLA's fusion of a standalone step vs. the loop body may differ.
+  for name in ("logprobs", "scaled_logprobs", "model_logprobs"):
+    np.testing.assert_allclose(getattr(s.out, name), getattr(expected, name), rtol=0, atol=1e-6, err_msg=name)
+  for got, want in zip(jax.tree.leaves(s.cache), jax.tree.leaves(cache)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
