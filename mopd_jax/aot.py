@@ -555,7 +555,7 @@ def compile_teacher_score(plan: Plan, states: _States) -> ProgramReport:
 
 
 def _decode_state_shardings(s, mesh, rows_sharding: Callable[[int], Any], repl, num_kv_heads: int):
-  """The sampler's shardings for a DecodeState: rows over data x fsdp, the stacked cache by
+  """The sampler's shardings for a DecodeState (or Prefilled): rows over data x fsdp, the stacked cache by
   `sharding.cache_sharding`, scalars replicated (off the mesh: all on `repl`, one chip)."""
   import jax
 
@@ -604,12 +604,14 @@ def compile_sampler(plan: Plan, states: _States) -> tuple[ProgramReport, Program
       context=context)
   decode_shapes = f"{rows} rows, one token per step ({gen_len} in all) over a cache of {lp + gen_len} slots"
   step_flops = flops.decode_step_flops(plan.student, rows, lp + gen_len)
-  if compiled is None:
-    return prefill, _skipped("sample_decode", decode_shapes, "its inputs are the prefill's outputs, which do not fit",
-                             devices, plan.topology)
   # One step's inputs: the prefill's outputs as they come out of it, the decode loop's carry
   # built from them as `sampling._decode` builds it (shapes only), with the sampler's shardings.
-  out = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), compiled.out_info)
+  if compiled is not None:
+    out = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), compiled.out_info)
+  else:  # the prefill does not fit; the decode step is still sized, from the prefill's shapes
+    out = jax.eval_shape(lambda p, t, l: sampling._prefill(states.graphdef, p, t, l, num_samples=g,
+                                                           generation_len=gen_len, mesh=mesh), params, tokens, lengths)
+    out = _with_shardings(out, _decode_state_shardings(out, mesh, rows_sharding, repl, plan.student.num_kv_heads))
   rule = sp.token_rule()
   limits = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=repl),
                         sampling.limits(sp))

@@ -202,3 +202,14 @@ def test_plan_models_follow_the_config_switches():
   assert plan.student == trainer.preset_model_config("tiny-llama", "float32", **trainer.compute_options(c.model))
   assert plan.teacher.family == "qwen3" and not plan.teacher.remat  # never differentiated
   assert plan.teacher.attention_chunk == 32 and plan.step.teacher_mode == "external"
+
+
+def test_the_decode_step_is_sized_even_when_the_prefill_does_not_fit():
+  """Its inputs are shapes from the prefill, not the prefill's compiled program."""
+  c = _tiny(mesh=(-1, 1, 1))
+  c.data.prompts_per_step = 4096  # the prefill's cache of 4096 x 4 rows does not fit one v5e chip
+  c.data.prompt_buckets = (1024,)
+  report = aot.compile_all(c, _topology("v5e:2x2"), programs=("sample",))
+  prefill, decode = report.programs
+  assert not prefill.fits and not decode.skipped
+  assert decode.live_bytes > 0 and report.exit_code == 1
