@@ -21,17 +21,17 @@ Topologies: `<generation>:<chips along each axis>`, as libtpu names them:
 The smallest topology is one host of 2x2 chips. Compile-only topologies have 4 chips per
 host, so v5p:4x4x4 is 64 chips on 16 hosts. A topology of several hosts is compiled as the
 trainer runs it there: one process per host (`config.distributed` is taken from the topology),
-`data.prompts_per_step` prompts per process, a replicated model (mesh.fsdp = mesh.tensor = 1,
-the trainer's rule) and each process sampling on one local chip. `config.mesh` must use every
+`data.prompts_per_step` prompts per step in all (each process samples its share), the train
+step, the sampler and the scorer each one program over the whole mesh. `config.mesh` must use every
 device of the topology (-1 in one axis: the rest).
 
 Programs (`--programs`, default all), at the largest shapes the run reaches:
   train   the train step (`train_step.make_train_step` with `jit_train_step`'s shardings,
           the optimizer, the teacher per `teacher.mode`): prompts_per_step x group_size rows
-          (x processes) of [largest prompt bucket | response] for the student and [largest
+          of [largest prompt bucket | response] for the student and [largest
           teacher prompt bucket | response] for the teacher. response = the response bucket
           that holds `sampling.max_new_tokens`: responses never outgrow it.
-  sample  the sampler's prefill (prompts_per_step prompts at the largest prompt bucket, a
+  sample  the sampler's prefill (a process's prompts at the largest prompt bucket, a
           cache of prompt + generation bucket slots, repeated to G rows each) and one decode
           step (`sampling.decode_step`, the body of the decode loop, on the loop's carry: the
           cache and token buffers, donated as the loop updates them in place): the decode
@@ -195,12 +195,7 @@ class Plan:
   prompt_len: int  # largest prompt bucket
   teacher_prompt_len: int
   response_len: int  # the bucket that holds sampling.max_new_tokens
-  sample_prompts: int  # prompts per sampler call (per process)
-
-  @property
-  def sample_on_mesh(self) -> bool:
-    # One process samples on the mesh; several sample their own prompts on one local chip.
-    return self.processes == 1
+  sample_prompts: int  # prompts per sampler call, all processes together (one program over the mesh)
 
 
 def _mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
@@ -247,7 +242,6 @@ def make_plan(config, topology: Topology):
   c = _aot_config(config, processes)
   n = topology.num_devices
   config_lib.validate(c, num_devices=n, platform="tpu")
-  trainer.check_process_mesh(c, processes)
   shape = _mesh_shape(c.mesh, n)
   if math.prod(shape) != n:
     raise config_lib.ConfigError(
@@ -270,9 +264,9 @@ def make_plan(config, topology: Topology):
   g = c.sampling.group_size
   return Plan(
       config=c, topology=topology, mesh=mesh, processes=processes, student=student, teacher=teacher,
-      step=trainer.step_config(c), sampling=sampling_params, rows=d.prompts_per_step * processes * g,
+      step=trainer.step_config(c), sampling=sampling_params, rows=d.prompts_per_step * g,
       prompt_len=max(d.prompt_buckets), teacher_prompt_len=max(d.teacher_prompt_buckets or d.prompt_buckets),
-      response_len=response, sample_prompts=d.prompts_per_step)
+      response_len=response, sample_prompts=trainer.prompts_per_process(c, processes) * processes)
 
 
 # ----------------------------------------------------------------------------- reports
@@ -572,7 +566,6 @@ def compile_sampler(plan: Plan, states: _States) -> tuple[ProgramReport, Program
   """The prefill and one decode step, as `sampling.sample` calls them in the trainer."""
   import jax
   import numpy as np
-  from jax.sharding import SingleDeviceSharding
 
   from mopd_jax import flops, sampling, sharding
 
@@ -581,17 +574,13 @@ def compile_sampler(plan: Plan, states: _States) -> tuple[ProgramReport, Program
   b, lp = plan.sample_prompts, plan.prompt_len
   gen_len = plan.response_len  # the generation buckets are the response buckets
   rows = b * g
-  if plan.sample_on_mesh:
-    mesh, devices = plan.mesh, plan.topology.num_devices
-    rows_sharding = lambda ndim: sharding.batch_sharding(mesh, ndim)
-    repl = sharding.replicated(mesh)
-    params = _with_shardings(states.state.params, sharding.param_shardings(states.state.params, mesh))
-  else:  # one process per host: its prompts on one local chip, from a local copy of the params
-    mesh, devices = None, 1
-    one = SingleDeviceSharding(plan.topology.devices[0])
-    rows_sharding = lambda ndim: one
-    repl = one
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), states.state.params)
+  # One SPMD program over the whole mesh, every process feeding its own prompts; the params in
+  # the sampler's layout (`sampling.param_layout`, as the trainer's `Run.sampler_params`).
+  mesh, devices = plan.mesh, plan.topology.num_devices
+  rows_sharding = lambda ndim: sharding.batch_sharding(mesh, ndim)
+  repl = sharding.replicated(mesh)
+  rules = sharding.sampling_rules(plan.config.sampling.param_layout)
+  params = _with_shardings(states.state.params, sharding.param_shardings(states.state.params, mesh, rules))
   context = lambda: lowering_for_tpu(_impls(plan))
   tokens = jax.ShapeDtypeStruct((b, lp), np.int32, sharding=rows_sharding(2))
   lengths = jax.ShapeDtypeStruct((b,), np.int32, sharding=rows_sharding(1))

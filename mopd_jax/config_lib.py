@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from mopd_jax import losses, peers
+from mopd_jax import losses, peers, sharding
 from mopd_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES
 from mopd_jax.train_step import METHOD_KINDS, TEACHER_MODES
 
@@ -68,7 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = dict(mode="ema", rate=0.05, external_preset="", external_checkpoint="")
   c.sampling = dict(
       group_size=8, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=512, stop_strings=(),
-      enable_thinking=False)
+      enable_thinking=False,
+      # The sampler's params: "train" = the training layout as is (no copy); "no_fsdp" = gathered
+      # over fsdp once per sampling call (tensor parallelism kept): sharding.sampling_rules.
+      param_layout="train")
   c.mopd = dict(
       preset="",  # "" = the method's preset; explicit overrides below
       overrides=ml_collections.ConfigDict({}, type_safe=False))
@@ -82,13 +85,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = dict(
       task="reasoning_gym", options=ml_collections.ConfigDict({}, type_safe=False),
       train_size=1000, eval_size=200, eval_seed_offset=1_000_000,  # reasoning-gym seeds item i with seed + i
-      prompts_per_step=32, path="",
+      prompts_per_step=32,  # per optimizer step for the whole run, split evenly over the processes
+      path="",
       prompt_buckets=(64, 128, 256, 512, 1024, 2048),
       response_buckets=(32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
       teacher_prompt_buckets=(128, 256, 512, 1024, 2048, 4096, 8192, 10240))
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # enabled with coordinator_address "": jax.distributed.initialize() finds everything (TPU VMs).
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=1, process_id=0)
-  c.train = dict(steps=100, max_nonfinite_in_a_row=3)
+  # micro_batch_rows: rows per micro-batch, gradients accumulated into one update per step
+  # (0 = the whole batch at once); a multiple of sampling.group_size dividing the step's rows.
+  c.train = dict(steps=100, max_nonfinite_in_a_row=3, micro_batch_rows=0)
   c.eval = dict(every=0, num_samples=4, temperature=1.0, max_new_tokens=512, at_start=True, at_end=True,
                 batch_prompts=32)
   c.checkpoint = dict(dir="", every=10, keep=3, async_save=True)
@@ -158,6 +165,8 @@ def validate(config, num_devices: int | None = None, *, platform: str | None = N
   _check(config.sampling.temperature > 0, "sampling.temperature",
          "must be > 0 for training (log-probs are taken at the sampling temperature)")
   _check(0.0 < config.sampling.top_p <= 1.0, "sampling.top_p", f"must be in (0, 1], got {config.sampling.top_p}")
+  _check(config.sampling.param_layout in sharding.SAMPLING_LAYOUTS, "sampling.param_layout",
+         f"must be one of {sharding.SAMPLING_LAYOUTS}, got {config.sampling.param_layout!r}")
   _check(isinstance(config.model.attention_chunk, int) and config.model.attention_chunk >= 0,
          "model.attention_chunk", f"must be an int >= 0 (0 = dense attention), got {config.model.attention_chunk!r}")
   _check(config.model.remat_policy in REMAT_POLICIES, "model.remat_policy",
@@ -175,6 +184,15 @@ def validate(config, num_devices: int | None = None, *, platform: str | None = N
          f"'cudnn' needs model.dtype='bfloat16', got {config.model.dtype!r}")
   _check(config.data.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
   _check(config.train.steps >= 0, "train.steps", "must be >= 0")
+  micro = config.train.micro_batch_rows
+  rows = config.data.prompts_per_step * g  # the rows of one optimizer step, all processes together
+  _check(isinstance(micro, int) and micro >= 0, "train.micro_batch_rows",
+         f"must be an int >= 0 (0 = the whole batch at once), got {micro!r}")
+  if micro:
+    _check(micro % g == 0, "train.micro_batch_rows",
+           f"{micro} is not a multiple of sampling.group_size={g} (a prompt's rollouts stay in one micro-batch)")
+    _check(rows % micro == 0, "train.micro_batch_rows",
+           f"{micro} does not divide the {rows} rows of a step (data.prompts_per_step x sampling.group_size)")
   _check(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
   if config.data.task in ("jsonl", "parquet", "tfds"):
     _check(bool(config.data.path), "data.path", f"task {config.data.task!r} needs a data file")
@@ -188,11 +206,17 @@ def validate(config, num_devices: int | None = None, *, platform: str | None = N
     _check(num_devices % fixed == 0, "mesh", f"{shape} does not fit {num_devices} devices")
     batch_shards = (config.mesh.data if config.mesh.data != -1 else num_devices // fixed) * (
         config.mesh.fsdp if config.mesh.fsdp != -1 else num_devices // fixed)
-    processes = config.distributed.num_processes if config.distributed.enabled else 1
-    local_prompts = config.data.prompts_per_step
-    _check((local_prompts * processes) % batch_shards == 0, "data.prompts_per_step",
-           f"{local_prompts} prompts per step x {processes} process(es) is not divisible by the data x fsdp "
-           f"mesh size {batch_shards} (a prompt's rollouts must stay on one shard)")
+    prompts = config.data.prompts_per_step  # per optimizer step, for the whole run
+    _check(prompts % batch_shards == 0, "data.prompts_per_step",
+           f"{prompts} prompts per step are not divisible by the data x fsdp mesh size {batch_shards} "
+           "(a prompt's rollouts must stay on one shard)")
+    if micro and micro != rows:
+      _check(micro % batch_shards == 0, "train.micro_batch_rows",
+             f"{micro} rows per micro-batch are not divisible by the data x fsdp mesh size {batch_shards}")
+  processes = config.distributed.num_processes if config.distributed.enabled else 1
+  _check(config.data.prompts_per_step % processes == 0, "data.prompts_per_step",
+         f"{config.data.prompts_per_step} prompts per step (for the whole run) do not divide over {processes} "
+         "processes: each process samples an equal share")
   try:
     peer_config(config)
   except ValueError as e:

@@ -11,7 +11,7 @@ Everything here is a pure function of arrays; nothing depends on a model. Layout
    pass ever holds [B, T, V].
 3. Token weights and masks: importance weight, sampler/trainer mismatch correction,
    step-level averaging.
-4. Aggregation registry (`LOSS_AGGREGATIONS`).
+4. Aggregation registry (`LOSS_AGGREGATIONS`) and each mode's count (`AGG_DENOMINATORS`).
 5. The MOPD loss (`mopd_distill_loss`, `mopd_loss_from_stats`).
 6. Baselines on per-token log-probs (`BASELINE_LOSSES`: GRPO, DPO, SimPO, SFT), the host
    helper that builds preference pairs, and `chunked_target_logp` to get those log-probs.
@@ -445,53 +445,95 @@ def step_mean(per_token: Array, step_ids: Array, mask: Array) -> Array:
 # 4. Aggregation
 # ---------------------------------------------------------------------------------------
 
-# (per_token [B, T], mask [B, T], norm) -> scalar. The seq-mean modes average over sequences
-# with at least one unmasked token, so rollouts masked out whole (distill_mask = 0) do not
-# dilute the mean.
-AggFn = Callable[[Array, Array, float | None], Array]
+# (per_token [B, T], mask [B, T], norm, denominator) -> scalar. The seq-mean modes average over
+# sequences with at least one unmasked token, so rollouts masked out whole (distill_mask = 0) do
+# not dilute the mean. Every mode is a sum of per-row terms over max(count, 1), the count a
+# gradient-free function of the mask (`AGG_DENOMINATORS`). `denominator` overrides that count:
+# the whole batch's count makes a slice of rows give its share of the batch's loss, and 1 gives
+# the plain sum (gradient accumulation over micro-batches, `train_step`).
+AggFn = Callable[[Array, Array, float | None, Array | float | None], Array]
 LOSS_AGGREGATIONS: dict[str, AggFn] = {}
+AGG_DENOMINATORS: dict[str, Callable[[Array], Array]] = {}
 
 
-def _seq_mean(seq_values: Array, mask: Array) -> Array:
+def token_count(mask: Array) -> Array:
+  """Unmasked tokens: the denominator of token-mean."""
+  return jnp.sum(mask)
+
+
+def sequence_count(mask: Array) -> Array:
+  """Sequences with at least one unmasked token: the denominator of the seq-mean modes."""
+  return jnp.sum((jnp.sum(mask, axis=-1) > 0).astype(mask.dtype))
+
+
+def _register_agg(name: str, denominator: Callable[[Array], Array]):
+  def deco(fn):
+    AGG_DENOMINATORS[name] = denominator
+    return _register(LOSS_AGGREGATIONS, name)(fn)
+  return deco
+
+
+def _seq_mean(seq_values: Array, mask: Array, denominator: Array | float | None = None) -> Array:
   valid = (jnp.sum(mask, axis=-1) > 0).astype(seq_values.dtype)
-  return jnp.sum(seq_values * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+  count = jnp.sum(valid) if denominator is None else denominator
+  return jnp.sum(seq_values * valid) / jnp.maximum(count, 1.0)
 
 
-@_register(LOSS_AGGREGATIONS, "token-mean")
-def agg_token_mean(per_token: Array, mask: Array, norm: float | None = None) -> Array:
+@_register_agg("token-mean", token_count)
+def agg_token_mean(per_token: Array, mask: Array, norm: float | None = None,
+                   denominator: Array | float | None = None) -> Array:
   """Mean over all unmasked tokens of the batch."""
-  return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  count = jnp.sum(mask) if denominator is None else denominator
+  return jnp.sum(per_token * mask) / jnp.maximum(count, 1.0)
 
 
-@_register(LOSS_AGGREGATIONS, "seq-mean-token-sum")
-def agg_seq_mean_token_sum(per_token: Array, mask: Array, norm: float | None = None) -> Array:
+@_register_agg("seq-mean-token-sum", sequence_count)
+def agg_seq_mean_token_sum(per_token: Array, mask: Array, norm: float | None = None,
+                           denominator: Array | float | None = None) -> Array:
   """Mean over sequences of each sequence's token sum."""
-  return _seq_mean(jnp.sum(per_token * mask, axis=-1), mask)
+  return _seq_mean(jnp.sum(per_token * mask, axis=-1), mask, denominator)
 
 
-@_register(LOSS_AGGREGATIONS, "seq-mean-token-mean")
-def agg_seq_mean_token_mean(per_token: Array, mask: Array, norm: float | None = None) -> Array:
+@_register_agg("seq-mean-token-mean", sequence_count)
+def agg_seq_mean_token_mean(per_token: Array, mask: Array, norm: float | None = None,
+                            denominator: Array | float | None = None) -> Array:
   """Mean over sequences of each sequence's token mean."""
   sums = jnp.sum(per_token * mask, axis=-1)
-  return _seq_mean(sums / jnp.maximum(jnp.sum(mask, axis=-1), 1.0), mask)
+  return _seq_mean(sums / jnp.maximum(jnp.sum(mask, axis=-1), 1.0), mask, denominator)
 
 
-@_register(LOSS_AGGREGATIONS, "seq-mean-token-sum-norm")
-def agg_seq_mean_token_sum_norm(per_token: Array, mask: Array, norm: float | None = None) -> Array:
+@_register_agg("seq-mean-token-sum-norm", sequence_count)
+def agg_seq_mean_token_sum_norm(per_token: Array, mask: Array, norm: float | None = None,
+                                denominator: Array | float | None = None) -> Array:
   """Mean over sequences of token sum / norm (a constant; default the padded length T)."""
   norm = float(per_token.shape[-1]) if norm is None else float(norm)
-  return _seq_mean(jnp.sum(per_token * mask, axis=-1) / norm, mask)
+  return _seq_mean(jnp.sum(per_token * mask, axis=-1) / norm, mask, denominator)
 
 
-def aggregate_loss(per_token: Array, mask: Array, mode: str = "token-mean", norm: float | None = None) -> Array:
-  """Reduce a per-token loss [B, T] under mask to a scalar with a registered mode."""
+def aggregate_loss(per_token: Array, mask: Array, mode: str = "token-mean", norm: float | None = None,
+                   denominator: Array | float | None = None) -> Array:
+  """Reduce a per-token loss [B, T] under mask to a scalar with a registered mode.
+
+  `denominator`: the count to divide by instead of this mask's (`agg_denominator`).
+  """
   if mode not in LOSS_AGGREGATIONS:
     raise ValueError(f"loss_agg: unknown mode {mode!r}; known: {sorted(LOSS_AGGREGATIONS)}")
-  return LOSS_AGGREGATIONS[mode](per_token, mask.astype(per_token.dtype), norm)
+  return LOSS_AGGREGATIONS[mode](per_token, mask.astype(per_token.dtype), norm, denominator)
 
 
-def masked_mean(x: Array, mask: Array) -> Array:
-  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+def agg_denominator(mode: str, mask: Array) -> Array:
+  """The count `aggregate_loss(..., mode)` divides by (before the clamp at 1), from the mask."""
+  if mode not in AGG_DENOMINATORS:
+    raise ValueError(f"loss_agg: unknown mode {mode!r}; known: {sorted(AGG_DENOMINATORS)}")
+  mask = jnp.asarray(mask)
+  if not jnp.issubdtype(mask.dtype, jnp.floating):
+    mask = mask.astype(jnp.float32)
+  return AGG_DENOMINATORS[mode](mask)
+
+
+def masked_mean(x: Array, mask: Array, denominator: Array | float | None = None) -> Array:
+  count = jnp.sum(mask) if denominator is None else denominator
+  return jnp.sum(x * mask) / jnp.maximum(count, 1.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -577,8 +619,19 @@ class DistillMetrics:
   num_tokens: Array  # tokens in the final mask
 
 
-def mopd_loss_from_stats(stats: TokenStats, batch: DistillBatch, config: DistillConfig) -> tuple[Array, DistillMetrics]:
-  """The MOPD loss from per-token stats: weights, masks, step averaging, aggregation."""
+@dataclasses.dataclass(frozen=True)
+class _MopdTerms:
+  """What the MOPD loss and its metrics read, per token [B, T]."""
+
+  per_token: Array  # weighted (and step-averaged) loss term
+  mask: Array  # final loss mask: response x distill x mismatch keep
+  response: Array
+  weight: Array
+  is_clipped: Array
+  mismatch_keep: Array
+
+
+def _mopd_terms(stats: TokenStats, batch: DistillBatch, config: DistillConfig) -> _MopdTerms:
   dtype = stats.divergence.dtype
   response = batch.response_mask.astype(dtype)
   distill = batch.distill_mask.astype(dtype)
@@ -611,7 +664,21 @@ def mopd_loss_from_stats(stats: TokenStats, batch: DistillBatch, config: Distill
     if batch.step_ids is None:
       raise ValueError("DistillConfig.step_level needs DistillBatch.step_ids")
     per_token = step_mean(per_token, batch.step_ids, mask)
-  loss = aggregate_loss(per_token, mask, config.loss_agg, config.agg_norm)
+  return _MopdTerms(per_token=per_token, mask=mask, response=response, weight=weight, is_clipped=is_clipped,
+                    mismatch_keep=mismatch_keep)
+
+
+def mopd_loss_from_stats(
+    stats: TokenStats, batch: DistillBatch, config: DistillConfig, denominator: Array | float | None = None,
+) -> tuple[Array, DistillMetrics]:
+  """The MOPD loss from per-token stats: weights, masks, step averaging, aggregation.
+
+  `denominator`: the aggregation's count to divide by instead of this batch's
+  (`mopd_loss_denominator` of the whole batch: micro-batches; see `aggregate_loss`).
+  """
+  terms = _mopd_terms(stats, batch, config)
+  mask, response = terms.mask, terms.response
+  loss = aggregate_loss(terms.per_token, mask, config.loss_agg, config.agg_norm, denominator)
 
   mean = lambda x: masked_mean(lax.stop_gradient(x), mask)
   n_response = jnp.maximum(jnp.sum(response), 1.0)
@@ -625,12 +692,18 @@ def mopd_loss_from_stats(stats: TokenStats, batch: DistillBatch, config: Distill
       teacher_topk_mass=mean(stats.teacher_topk_mass),
       student_tail_mass=mean(stats.student_tail_mass),
       teacher_tail_mass=mean(stats.teacher_tail_mass),
-      is_weight=mean(weight),
-      is_clipped_frac=mean(is_clipped),
-      mismatch_masked_frac=jnp.sum(response * (1.0 - mismatch_keep)) / n_response,
+      is_weight=mean(terms.weight),
+      is_clipped_frac=mean(terms.is_clipped),
+      mismatch_masked_frac=jnp.sum(response * (1.0 - terms.mismatch_keep)) / n_response,
       masked_frac=1.0 - jnp.sum(mask) / n_response,
       num_tokens=jnp.sum(mask))
   return loss, metrics
+
+
+def mopd_loss_denominator(stats: TokenStats, batch: DistillBatch, config: DistillConfig) -> Array:
+  """The count `mopd_loss_from_stats` divides by on this batch (no gradient). With
+  `mismatch="mask"` it depends on the student's log-probs (`stats.student_logp`)."""
+  return lax.stop_gradient(agg_denominator(config.loss_agg, _mopd_terms(stats, batch, config).mask))
 
 
 def mopd_distill_loss(
@@ -658,10 +731,13 @@ def mopd_distill_loss(
 # 6. Baselines: GRPO, on-policy DPO / SimPO, verified-success SFT
 # ---------------------------------------------------------------------------------------
 # Each takes the current policy's per-token log-probs `logp` [B, T] (with gradient; see
-# `chunked_target_logp`), a typed batch and a static config; returns (loss, metrics).
+# `chunked_target_logp`), a typed batch, a static config and an optional `denominator` (the
+# count to divide by instead of this batch's, as in `aggregate_loss`); returns (loss, metrics).
+# `BASELINE_DENOMINATORS[name](batch, config)` is that count on a batch (no gradient).
 
-BaselineFn = Callable[[Array, Any, Any], tuple[Array, Any]]
+BaselineFn = Callable[..., tuple[Array, Any]]
 BASELINE_LOSSES: dict[str, BaselineFn] = {}
+BASELINE_DENOMINATORS: dict[str, Callable[[Any, Any], Array]] = {}
 
 
 def group_advantages(rewards: Array, *, normalize_std: bool = True, eps: float = 1e-6) -> Array:
@@ -710,7 +786,9 @@ def k3_kl(logp: Array, ref_logp: Array) -> Array:
 
 
 @_register(BASELINE_LOSSES, "grpo")
-def grpo_loss(logp: Array, batch: GRPOBatch, config: GRPOConfig = GRPOConfig()) -> tuple[Array, GRPOMetrics]:
+def grpo_loss(
+    logp: Array, batch: GRPOBatch, config: GRPOConfig = GRPOConfig(), denominator: Array | float | None = None,
+) -> tuple[Array, GRPOMetrics]:
   """PPO clipped-ratio loss with group advantages, plus optional k3 KL to the reference."""
   mask = batch.response_mask.astype(logp.dtype)
   ratio = jnp.exp(jnp.clip(logp - batch.old_logp, -20.0, 20.0))
@@ -718,11 +796,11 @@ def grpo_loss(logp: Array, batch: GRPOBatch, config: GRPOConfig = GRPOConfig()) 
   unclipped = -adv * ratio
   clipped = -adv * jnp.clip(ratio, 1.0 - config.clip_eps, 1.0 + config.clip_eps)
   pg = jnp.maximum(unclipped, clipped)
-  pg_loss = aggregate_loss(pg, mask, config.loss_agg, config.agg_norm)
+  pg_loss = aggregate_loss(pg, mask, config.loss_agg, config.agg_norm, denominator)
   kl = jnp.zeros((), logp.dtype)
   loss = pg_loss
   if batch.ref_logp is not None:
-    kl = aggregate_loss(k3_kl(logp, batch.ref_logp), mask, config.loss_agg, config.agg_norm)
+    kl = aggregate_loss(k3_kl(logp, batch.ref_logp), mask, config.loss_agg, config.agg_norm, denominator)
     loss = pg_loss + config.kl_coef * kl
   sg = lax.stop_gradient
   metrics = GRPOMetrics(
@@ -730,6 +808,11 @@ def grpo_loss(logp: Array, batch: GRPOBatch, config: GRPOConfig = GRPOConfig()) 
       clip_frac=masked_mean(sg((clipped > unclipped).astype(logp.dtype)), mask),
       ratio=masked_mean(sg(ratio), mask))
   return loss, metrics
+
+
+@_register(BASELINE_DENOMINATORS, "grpo")
+def grpo_loss_denominator(batch: GRPOBatch, config: GRPOConfig = GRPOConfig()) -> Array:
+  return agg_denominator(config.loss_agg, batch.response_mask)
 
 
 def build_preference_pairs(
@@ -790,9 +873,9 @@ def sequence_logp(logp: Array, mask: Array) -> Array:
   return jnp.sum(logp * mask.astype(logp.dtype), axis=-1)
 
 
-def _pair_loss(margin: Array, pair_mask: Array) -> tuple[Array, PreferenceMetrics]:
+def _pair_loss(margin: Array, pair_mask: Array, denominator: Array | float | None) -> tuple[Array, PreferenceMetrics]:
   m = pair_mask.astype(margin.dtype)
-  loss = masked_mean(-jax.nn.log_sigmoid(margin), m)
+  loss = masked_mean(-jax.nn.log_sigmoid(margin), m, denominator)
   sg = lax.stop_gradient
   return loss, PreferenceMetrics(
       loss=sg(loss), margin=masked_mean(sg(margin), m),
@@ -800,24 +883,34 @@ def _pair_loss(margin: Array, pair_mask: Array) -> tuple[Array, PreferenceMetric
 
 
 @_register(BASELINE_LOSSES, "dpo")
-def dpo_loss(logp: Array, batch: PreferenceBatch, config: DPOConfig = DPOConfig()) -> tuple[Array, PreferenceMetrics]:
+def dpo_loss(
+    logp: Array, batch: PreferenceBatch, config: DPOConfig = DPOConfig(), denominator: Array | float | None = None,
+) -> tuple[Array, PreferenceMetrics]:
   """-log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r))) on summed sequence log-probs."""
   if batch.ref_seq_logp is None:
     raise ValueError("dpo_loss needs PreferenceBatch.ref_seq_logp")
   seq = sequence_logp(logp, batch.response_mask) - lax.stop_gradient(batch.ref_seq_logp)
   margin = config.beta * (seq[batch.chosen] - seq[batch.rejected])
-  return _pair_loss(margin, batch.pair_mask)
+  return _pair_loss(margin, batch.pair_mask, denominator)
 
 
 @_register(BASELINE_LOSSES, "simpo")
 def simpo_loss(
     logp: Array, batch: PreferenceBatch, config: SimPOConfig = SimPOConfig(),
+    denominator: Array | float | None = None,
 ) -> tuple[Array, PreferenceMetrics]:
   """-log sigmoid(beta (mean logp_c - mean logp_r) - gamma): length-normalised, no reference."""
   mask = batch.response_mask.astype(logp.dtype)
   avg = sequence_logp(logp, mask) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
   margin = config.beta * (avg[batch.chosen] - avg[batch.rejected]) - config.gamma
-  return _pair_loss(margin, batch.pair_mask)
+  return _pair_loss(margin, batch.pair_mask, denominator)
+
+
+@_register(BASELINE_DENOMINATORS, "simpo")
+@_register(BASELINE_DENOMINATORS, "dpo")
+def pair_loss_denominator(batch: PreferenceBatch, config: Any = None) -> Array:
+  """Real pairs: the denominator of DPO and SimPO."""
+  return jnp.sum(batch.pair_mask.astype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -839,9 +932,17 @@ class SFTMetrics:
 
 
 @_register(BASELINE_LOSSES, "sft")
-def sft_loss(logp: Array, batch: SFTBatch, config: SFTConfig = SFTConfig()) -> tuple[Array, SFTMetrics]:
+def sft_loss(
+    logp: Array, batch: SFTBatch, config: SFTConfig = SFTConfig(), denominator: Array | float | None = None,
+) -> tuple[Array, SFTMetrics]:
   """Token-mean NLL over the responses of successful rollouts only."""
   success = batch.success.astype(logp.dtype)
   mask = batch.response_mask.astype(logp.dtype) * success[:, None]
-  loss = agg_token_mean(-logp, mask)
+  loss = agg_token_mean(-logp, mask, denominator=denominator)
   return loss, SFTMetrics(loss=lax.stop_gradient(loss), num_tokens=jnp.sum(mask), num_sequences=jnp.sum(success))
+
+
+@_register(BASELINE_DENOMINATORS, "sft")
+def sft_loss_denominator(batch: SFTBatch, config: SFTConfig = SFTConfig()) -> Array:
+  success = batch.success.astype(jnp.float32)
+  return token_count(batch.response_mask.astype(jnp.float32) * success[:, None])

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from mopd_jax import sharding
 from mopd_jax.models.config import ModelConfig
@@ -613,22 +613,85 @@ def _check_mesh(mesh: Mesh, num_prompts: int, state: nnx.State) -> None:
           "mopd_jax.sharding.shard_params(state, mesh)")
 
 
+def reshard_for_sampling(params: nnx.State, mesh: Mesh, layout: str = "train",
+                         rules=sharding.DEFAULT_RULES) -> nnx.State:
+  """The params in the sampler's layout (`sharding.sampling_rules`), moved device to device by
+  one jitted reshard (never through a host); "train" returns them as they are."""
+  if layout == "train":
+    return params
+  target = sharding.param_shardings(params, mesh, sharding.sampling_rules(layout, rules))
+  return _reshard(target)(params)
+
+
+@functools.lru_cache(maxsize=8)
+def _reshard_cached(target_def, target_leaves):
+  target = jax.tree.unflatten(target_def, target_leaves)
+  return jax.jit(lambda p: p, out_shardings=target)
+
+
+def _reshard(target):
+  leaves, treedef = jax.tree.flatten(target)
+  return _reshard_cached(treedef, tuple(leaves))
+
+
 def _check_local(mesh: Optional[Mesh], state: nnx.State) -> None:
-  # Prompts arrive as this process's host data, so sampling runs on this process's devices:
-  # multi-process runs sample each process's prompts from a local copy of the params.
-  if mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat):
-    raise NotImplementedError(
-        "sample: the mesh spans several processes; sample each process's prompts on a mesh of its "
-        "local devices (or mesh=None) from a local copy of the params")
   if mesh is None and not all(
       x.is_fully_addressable for x in jax.tree.leaves(state) if isinstance(x, jax.Array)):
     raise ValueError(
-        "sample: params span several processes; pass a local copy (e.g. "
-        "jax.tree.map(lambda x: x.addressable_data(0), params) for replicated params)")
+        "sample: params span several processes; pass the mesh they live on (mesh=...) so that "
+        "every process samples its prompts in one program over it")
+
+
+def spans_processes(mesh: Optional[Mesh]) -> bool:
+  return mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
+
+
+def _agree_across_processes(tokens: np.ndarray, pad_id: int) -> np.ndarray:
+  """Every process's prompts in one [B_local, Lp] shape: the widest prompt bucket of any
+  process (left padding, so a wider bucket only adds padding), and the same prompt count."""
+  from jax.experimental import multihost_utils
+
+  shapes = np.asarray(multihost_utils.process_allgather(np.asarray(tokens.shape, np.int64)))
+  if len(set(shapes[:, 0].tolist())) > 1:
+    raise ValueError(f"sample: every process must pass the same number of prompts, got {shapes[:, 0].tolist()}")
+  width = int(shapes[:, 1].max())
+  return np.pad(tokens, ((0, 0), (width - tokens.shape[1], 0)), constant_values=pad_id)
 
 
 def _to_device(x: np.ndarray, mesh: Optional[Mesh]) -> Array:
-  return jnp.asarray(x) if mesh is None else jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
+  """This process's rows onto the mesh: one global array whose rows over data x fsdp are the
+  processes' rows in process order (each process passes only its own)."""
+  if mesh is None:
+    return jnp.asarray(x)
+  if spans_processes(mesh):
+    return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x)
+  return jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
+
+
+def _replicate(tree: Any, mesh: Optional[Mesh]) -> Any:
+  """Values that are the same on every process, as arrays replicated over a mesh that spans
+  processes (each process fills its own devices); unchanged otherwise."""
+  if not spans_processes(mesh):
+    return tree
+
+  def leaf(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(leaf(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding.replicated(mesh), lambda index: host[index])
+
+  return jax.tree.map(leaf, tree)
+
+
+def _local_rows(decoded: Decoded, mesh: Optional[Mesh]) -> Decoded:
+  """This process's rows of the decode output, on the host."""
+  if not spans_processes(mesh):
+    return jax.device_get(decoded)
+  from jax.experimental import multihost_utils
+
+  local = lambda x: np.asarray(x.addressable_data(0)) if x.ndim == 0 else np.asarray(
+      multihost_utils.global_array_to_host_local_array(x, mesh, P(sharding.BATCH_AXES, *([None] * (x.ndim - 1)))))
+  return jax.tree.map(local, decoded)
 
 
 def sample(
@@ -649,8 +712,10 @@ def sample(
   rng: a jax PRNG key; the same key gives the same result.
   mesh: rows go over data x fsdp; the number of prompts must be divisible by that shard count
     so each prompt's G rows live on one shard (and repeating the cache rows is shard-local).
-    The mesh must hold only this process's devices: in multi-process runs each process samples
-    its own prompts (mesh=None or a local mesh) from a local copy of the params.
+    A mesh may span processes: then every process calls `sample` with its own prompts (the
+    same number on each), the prefill and decode run as one SPMD program over the whole mesh
+    from the params where they live (e.g. the training layout; see `reshard_for_sampling`),
+    and each process gets its own rows back.
   decode_fn: token ids -> text; required for stop strings, and fills `SampleResult.texts`.
   prompt_ids: a global id per prompt (default 0..B-1). Sample g of prompt p draws from the
     random stream (rng, p * num_samples + g), so a prompt's samples are the same whatever else
@@ -670,12 +735,14 @@ def sample(
     if any(t >= config.vocab_size for t in ids):
       raise ValueError(f"SamplingParams.{name}={ids} outside the vocabulary of {config.vocab_size}")
   tokens, lengths, truncated = _pack_prompts(prompts, params, config.vocab_size)
+  if spans_processes(mesh):
+    tokens = _agree_across_processes(tokens, params.pad_id)
   if lengths.max() + params.max_new_tokens > config.max_position_embeddings:
     raise ValueError(
         f"sample: prompt ({lengths.max()}) + max_new_tokens ({params.max_new_tokens}) exceeds "
         f"max_position_embeddings={config.max_position_embeddings} of the model")
   if mesh is not None:
-    _check_mesh(mesh, tokens.shape[0], state)
+    _check_mesh(mesh, tokens.shape[0] * (jax.process_count() if spans_processes(mesh) else 1), state)
   gen_len = _bucket(params.max_new_tokens, params.generation_buckets)
 
   prefilled = _prefill(
@@ -684,9 +751,10 @@ def sample(
   ids = np.arange(len(prompts)) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
   row_ids = (ids[:, None] * num_samples + np.arange(num_samples)[None, :]).reshape(-1).astype(np.int32)
   decoded, _ = _decode(
-      graphdef, state, prefilled.cache, prefilled.logits, prefilled.positions, rng,
-      _to_device(row_ids, mesh), limits(params), rule=params.token_rule(), generation_len=gen_len, mesh=mesh)
-  out = jax.device_get(decoded)
+      graphdef, state, prefilled.cache, prefilled.logits, prefilled.positions, _replicate(rng, mesh),
+      _to_device(row_ids, mesh), _replicate(limits(params), mesh), rule=params.token_rule(), generation_len=gen_len,
+      mesh=mesh)
+  out = _local_rows(decoded, mesh)
   return _finish(out, params, num_samples, tokens, lengths, truncated, decode_fn)
 
 

@@ -179,6 +179,23 @@ def constrain_cache(cache: Any, mesh: Optional[Mesh], num_kv_heads: int) -> Any:
       segment_ids=constrain(cache.segment_ids, mesh))
 
 
+SAMPLING_LAYOUTS = ("train", "no_fsdp")
+
+
+def sampling_rules(layout: str, rules=DEFAULT_RULES) -> tuple[tuple[str, Optional[str]], ...]:
+  """Logical-axis rules of the sampler's copy of the params.
+
+  "train": the training layout itself (no copy; inside each step XLA gathers what fsdp split).
+  "no_fsdp": fsdp gathered, tensor parallelism kept: one all-gather per sampling call instead of
+  per decode step, at the cost of a copy of each tensor-parallel shard on every chip.
+  """
+  if layout not in SAMPLING_LAYOUTS:
+    raise ValueError(f"sampling layout must be one of {SAMPLING_LAYOUTS}, got {layout!r}")
+  if layout == "train":
+    return tuple(rules)
+  return tuple((name, None if axis == "fsdp" else axis) for name, axis in rules)
+
+
 @contextlib.contextmanager
 def activation_mesh(mesh: Optional[Mesh]):
   """Trace model code under `mesh` as JAX's abstract-mesh context (usable inside jit).

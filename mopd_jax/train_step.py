@@ -11,6 +11,14 @@ Teacher modes (MOPD_SPEC.md section 4):
   both under the teacher context; TeacherState.params holds the initial model.
 - `frozen`: the initial student; `external`: another model (its own graphdef), never updated.
 The teacher forward runs outside `value_and_grad`: no gradient, no saved activations.
+
+Micro-batches (`StepConfig.micro_batch_rows`): the rows are split into whole groups and a
+`lax.scan` runs student, teacher and reference forwards and the student backward one
+micro-batch at a time, summing float32 gradients; then one clip + optimizer update and one
+teacher update. Each micro-batch contributes its loss's un-normalised sum (denominator 1); the
+sum is divided once by the whole batch's denominator, so the update equals the whole batch's
+(docs/GOTCHAS.md). Loss and metrics are the loss function applied to the whole batch's
+per-token values gathered from the scan.
 """
 
 from __future__ import annotations
@@ -65,6 +73,9 @@ class StepConfig:
   dpo: losses.DPOConfig = losses.DPOConfig()
   simpo: losses.SimPOConfig = losses.SimPOConfig()
   max_pairs_per_group: int = 1
+  # Rows per micro-batch, a multiple of group_size (0: the whole batch at once). Memory grows
+  # with the micro-batch; the update is the whole batch's.
+  micro_batch_rows: int = 0
 
   def __post_init__(self):
     if self.loss not in METHOD_KINDS:
@@ -75,6 +86,10 @@ class StepConfig:
       raise ValueError(f"StepConfig.teacher_rate must be in [0, 1], got {self.teacher_rate}")
     if self.group_size < 1:
       raise ValueError(f"StepConfig.group_size must be >= 1, got {self.group_size}")
+    if self.micro_batch_rows < 0 or self.micro_batch_rows % self.group_size:
+      raise ValueError(
+          f"StepConfig.micro_batch_rows (config.train.micro_batch_rows) must be 0 or a positive multiple of "
+          f"group_size={self.group_size} (a prompt's rollouts stay in one micro-batch), got {self.micro_batch_rows}")
 
   @property
   def needs_teacher(self) -> bool:
@@ -166,6 +181,91 @@ def _preference_batch(batch: TrainBatch, cfg: StepConfig, ref_seq_logp: Optional
       pair_mask=(margin > 0).astype(jnp.float32).reshape(-1), ref_seq_logp=ref_seq_logp)
 
 
+def _side_inputs(cfg: StepConfig, student_graphdef, teacher_graphdef, student_params, teacher: TeacherState,
+                 batch: TrainBatch):
+  """The loss's inputs without gradient: (teacher side or None, reference log-probs or None)."""
+  if cfg.loss == DISTILL:
+    return _teacher_side(cfg, student_graphdef, teacher_graphdef, student_params, teacher, batch), None
+  if cfg.needs_teacher:
+    return None, _reference_logp(cfg, student_graphdef, teacher, batch)
+  return None, None
+
+
+def _student_values(cfg: StepConfig, student_graphdef, params, batch: TrainBatch, teacher_inputs):
+  """The per-token values the loss reads, with gradient: `TokenStats` (distillation) or the
+  student's log-probs of the response tokens [B, R] (baselines)."""
+  r = batch.response_tokens.shape[1]
+  targets = batch.response_tokens
+  hidden, unembed = response_hidden(student_graphdef, params, batch.student_tokens, batch.student_segments, r)
+  if cfg.loss == DISTILL:
+    t_hidden, t_unembed, logit_fn = teacher_inputs
+    d = cfg.distill
+    return losses.chunked_token_stats(
+        hidden, t_hidden, unembed, t_unembed, targets,
+        top_k=d.top_k if d.full_logits else None, use_tail=d.use_tail, alpha=d.alpha,
+        temperature=d.temperature, chunk_size=d.chunk_size, full_logits=d.full_logits,
+        teacher_logit_fn=logit_fn)
+  logp, _ = losses.chunked_target_logp(
+      hidden, unembed, targets, temperature=cfg.distill.temperature, chunk_size=cfg.distill.chunk_size)
+  return logp
+
+
+def _distill_batch(cfg: StepConfig, batch: TrainBatch) -> losses.DistillBatch:
+  return losses.DistillBatch(
+      targets=batch.response_tokens, response_mask=batch.response_mask, distill_mask=batch.distill_mask,
+      old_logp=batch.sampler_logprobs, step_ids=batch.step_ids if cfg.distill.step_level else None)
+
+
+def _baseline_inputs(cfg: StepConfig, batch: TrainBatch, ref_logp: Optional[Array]) -> tuple[Any, Any]:
+  """(typed batch, config) of the baseline loss `losses.BASELINE_LOSSES[cfg.loss]`."""
+  if cfg.loss == "grpo":
+    adv = losses.group_advantages(
+        batch.rewards.reshape(-1, cfg.group_size), normalize_std=cfg.grpo_normalize_std).reshape(-1)
+    return losses.GRPOBatch(old_logp=batch.sampler_logprobs, advantages=adv,
+                            response_mask=batch.response_mask, ref_logp=ref_logp), cfg.grpo
+  if cfg.loss in ("dpo", "simpo"):
+    ref_seq = None if ref_logp is None else losses.sequence_logp(ref_logp, batch.response_mask)
+    return _preference_batch(batch, cfg, ref_seq), cfg.dpo if cfg.loss == "dpo" else cfg.simpo
+  return losses.SFTBatch(batch.response_mask, batch.success), losses.SFTConfig()
+
+
+def _loss_from_values(cfg: StepConfig, batch: TrainBatch, values, ref_logp: Optional[Array],
+                      denominator: Optional[Array | float] = None):
+  """(loss, method metrics, teacher scores [B] or None) from `_student_values`.
+
+  `denominator`: the count the loss divides by instead of this batch's (see `aggregate_loss`).
+  """
+  if cfg.loss == DISTILL:
+    loss, metrics = losses.mopd_loss_from_stats(values, _distill_batch(cfg, batch), cfg.distill, denominator)
+    return loss, metrics, jnp.sum(values.teacher_logp * batch.response_mask, axis=-1)
+  mbatch, mconfig = _baseline_inputs(cfg, batch, ref_logp)
+  loss, metrics = losses.BASELINE_LOSSES[cfg.loss](values, mbatch, mconfig, denominator)
+  return loss, metrics, None
+
+
+def _loss_denominator(cfg: StepConfig, batch: TrainBatch, values, ref_logp: Optional[Array]) -> Array:
+  """The count the loss of `batch` divides by (no gradient)."""
+  if cfg.loss == DISTILL:
+    return losses.mopd_loss_denominator(values, _distill_batch(cfg, batch), cfg.distill)
+  mbatch, mconfig = _baseline_inputs(cfg, batch, ref_logp)
+  return lax.stop_gradient(losses.BASELINE_DENOMINATORS[cfg.loss](mbatch, mconfig))
+
+
+def num_micro_batches(cfg: StepConfig, rows: int, mesh: Optional[jax.sharding.Mesh] = None) -> int:
+  """Micro-batches of a batch of `rows` rows; 1: the whole batch at once (no accumulation)."""
+  mb = cfg.micro_batch_rows
+  if mb == 0 or mb == rows:
+    return 1
+  field = f"StepConfig.micro_batch_rows (config.train.micro_batch_rows) = {mb}"
+  if rows % mb:
+    raise ValueError(f"{field} does not divide the batch's {rows} rows")
+  shards = sharding.num_batch_shards(mesh) if mesh is not None else 1
+  if mb % shards:
+    raise ValueError(f"{field} is not divisible by the data x fsdp mesh size {shards} (each micro-batch's rows "
+                     "are spread over the batch shards)")
+  return rows // mb
+
+
 def make_train_step(
     student_graphdef,
     optimizer: optax.GradientTransformation,
@@ -186,51 +286,56 @@ def make_train_step(
     with sharding.activation_mesh(mesh):
       return unsharded_step(state, teacher, batch, rng)
 
-  def unsharded_step(state: TrainState, teacher: TeacherState, batch: TrainBatch, rng: Array):
-    del rng  # the update is deterministic; kept in the signature for stochastic variants
-    r = batch.response_tokens.shape[1]
-    targets = batch.response_tokens
-    teacher_inputs = None
-    ref_logp = None
-    if cfg.loss == DISTILL:
-      teacher_inputs = _teacher_side(cfg, student_graphdef, teacher_graphdef, state.params, teacher, batch)
-    elif cfg.needs_teacher:
-      ref_logp = _reference_logp(cfg, student_graphdef, teacher, batch)
+  def whole_batch_grads(state: TrainState, teacher: TeacherState, batch: TrainBatch):
+    side = _side_inputs(cfg, student_graphdef, teacher_graphdef, state.params, teacher, batch)
 
     def loss_fn(params):
-      hidden, unembed = response_hidden(student_graphdef, params, batch.student_tokens, batch.student_segments, r)
-      if cfg.loss == DISTILL:
-        t_hidden, t_unembed, logit_fn = teacher_inputs
-        d = cfg.distill
-        stats = losses.chunked_token_stats(
-            hidden, t_hidden, unembed, t_unembed, targets,
-            top_k=d.top_k if d.full_logits else None, use_tail=d.use_tail, alpha=d.alpha,
-            temperature=d.temperature, chunk_size=d.chunk_size, full_logits=d.full_logits,
-            teacher_logit_fn=logit_fn)
-        dbatch = losses.DistillBatch(
-            targets=targets, response_mask=batch.response_mask, distill_mask=batch.distill_mask,
-            old_logp=batch.sampler_logprobs, step_ids=batch.step_ids if d.step_level else None)
-        loss, metrics = losses.mopd_loss_from_stats(stats, dbatch, d)
-        teacher_scores = jnp.sum(stats.teacher_logp * batch.response_mask, axis=-1)
-        return loss, (metrics, teacher_scores)
-      logp, _ = losses.chunked_target_logp(
-          hidden, unembed, targets, temperature=cfg.distill.temperature, chunk_size=cfg.distill.chunk_size)
-      if cfg.loss == "grpo":
-        adv = losses.group_advantages(
-            batch.rewards.reshape(-1, cfg.group_size), normalize_std=cfg.grpo_normalize_std).reshape(-1)
-        gb = losses.GRPOBatch(old_logp=batch.sampler_logprobs, advantages=adv,
-                              response_mask=batch.response_mask, ref_logp=ref_logp)
-        loss, metrics = losses.grpo_loss(logp, gb, cfg.grpo)
-      elif cfg.loss in ("dpo", "simpo"):
-        ref_seq = None if ref_logp is None else losses.sequence_logp(ref_logp, batch.response_mask)
-        pb = _preference_batch(batch, cfg, ref_seq)
-        fn = losses.dpo_loss if cfg.loss == "dpo" else losses.simpo_loss
-        loss, metrics = fn(logp, pb, cfg.dpo if cfg.loss == "dpo" else cfg.simpo)
-      else:
-        loss, metrics = losses.sft_loss(logp, losses.SFTBatch(batch.response_mask, batch.success))
-      return loss, (metrics, None)
+      values = _student_values(cfg, student_graphdef, params, batch, side[0])
+      loss, metrics, teacher_scores = _loss_from_values(cfg, batch, values, side[1])
+      return loss, (metrics, teacher_scores)
 
     (loss, (method_metrics, teacher_scores)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return loss, method_metrics, teacher_scores, grads
+
+  def accumulated_grads(state: TrainState, teacher: TeacherState, batch: TrainBatch, micro_batches: int):
+    # [rows, ...] -> [M, rows / M, ...]: micro-batch m holds whole consecutive groups, its rows
+    # spread over the batch shards (a reshard of the small integer batch, not of activations).
+    def split(x: Array) -> Array:
+      x = x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+      spec = jax.sharding.PartitionSpec(None, sharding.BATCH_AXES, *([None] * (x.ndim - 2)))
+      return sharding.constrain(x, mesh, None if mesh is None else jax.sharding.NamedSharding(mesh, spec))
+
+    def body(acc, micro: TrainBatch):
+      teacher_inputs, ref_logp = _side_inputs(cfg, student_graphdef, teacher_graphdef, state.params, teacher, micro)
+
+      def sum_loss(params):
+        values = _student_values(cfg, student_graphdef, params, micro, teacher_inputs)
+        # Denominator 1: the un-normalised sum; the whole batch's count divides it after the scan.
+        loss, _, _ = _loss_from_values(cfg, micro, values, ref_logp, denominator=1.0)
+        return loss, lax.stop_gradient(values)
+
+      grads, values = jax.grad(sum_loss, has_aux=True)(state.params)
+      acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+      return acc, (values, ref_logp)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    acc, (values, ref_logp) = lax.scan(body, zeros, jax.tree.map(split, batch))
+    # [M, rows / M, ...] -> [rows, ...]: back in the batch's row order.
+    values, ref_logp = jax.tree.map(lambda x: sharding.constrain(x.reshape(-1, *x.shape[2:]), mesh),
+                                    (values, ref_logp))
+    denominator = jnp.maximum(_loss_denominator(cfg, batch, values, ref_logp), 1.0)
+    grads = jax.tree.map(lambda a, p: (a / denominator).astype(p.dtype), acc, state.params)
+    loss, method_metrics, teacher_scores = _loss_from_values(cfg, batch, values, ref_logp)
+    return loss, method_metrics, teacher_scores, grads
+
+  def unsharded_step(state: TrainState, teacher: TeacherState, batch: TrainBatch, rng: Array):
+    del rng  # the update is deterministic; kept in the signature for stochastic variants
+    micro_batches = num_micro_batches(cfg, batch.response_tokens.shape[0], mesh)
+    if micro_batches == 1:
+      loss, method_metrics, teacher_scores, grads = whole_batch_grads(state, teacher, batch)
+    else:
+      loss, method_metrics, teacher_scores, grads = accumulated_grads(state, teacher, batch, micro_batches)
+
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Non-finite guard: compute the update on zeroed grads, then keep the old state.

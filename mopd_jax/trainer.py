@@ -105,7 +105,8 @@ def step_config(config) -> StepConfig:
       group_size=config.sampling.group_size, distill=config_lib.distill_config(config),
       grpo=losses.GRPOConfig(clip_eps=l.grpo_clip, kl_coef=l.grpo_kl_coef, loss_agg=l.loss_agg),
       grpo_normalize_std=l.grpo_normalize_std, grpo_use_kl=l.grpo_use_kl,
-      dpo=losses.DPOConfig(beta=l.dpo_beta), simpo=losses.SimPOConfig(beta=l.simpo_beta, gamma=l.simpo_gamma))
+      dpo=losses.DPOConfig(beta=l.dpo_beta), simpo=losses.SimPOConfig(beta=l.simpo_beta, gamma=l.simpo_gamma),
+      micro_batch_rows=config.train.micro_batch_rows)
 
 
 def load_examples(config) -> tuple[list[Example], list[Example]]:
@@ -263,11 +264,14 @@ def evaluate(run: "Run", examples: Sequence[Example], rng) -> EvalResult:
   k = c.num_samples
   successes: list[list[bool]] = []
   chunk = max(1, c.batch_prompts)
+  # Every process evaluates the same prompts (the same ids, so the same rows); a prompt's rows
+  # stay on one shard: pad each call to a multiple of this process's share of the shards.
+  shards = max(sharding.num_batch_shards(run.sample_mesh) // jax.process_count(), 1)
   for start in range(0, len(examples), chunk):
-    part = examples[start:start + chunk]
+    part = list(examples[start:start + chunk])
     rollouts = sample_and_verify(
-        run, part, rng, group_size=k, temperature=c.temperature, max_new_tokens=c.max_new_tokens,
-        first_prompt_id=start)
+        run, part + [part[0]] * (-len(part) % shards), rng, group_size=k, temperature=c.temperature,
+        max_new_tokens=c.max_new_tokens, first_prompt_id=start)
     for i in range(len(part)):
       successes.append([v.success for v in rollouts.verdicts[i * k:(i + 1) * k]])
   (stats,) = aggregate_pass_at_k(successes, ks=(k,))
@@ -299,11 +303,9 @@ class Run:
   rng: Any
 
   def sampler_params(self):
-    if jax.process_count() == 1:
-      return self.state.params
-    # Multi-process: each process samples its own prompts on its local devices from a local
-    # copy of the (replicated, checked at setup) params.
-    return jax.tree.map(lambda x: x.addressable_data(0), self.state.params)
+    # The sampler runs over the same mesh (spanning every process), from the training layout or
+    # a jitted on-device reshard of it (`sampling.param_layout`).
+    return sampling_lib.reshard_for_sampling(self.state.params, self.mesh, self.config.sampling.param_layout)
 
   def checkpoint_arrays(self):
     return {"state": self.state, "teacher": self.teacher, "rng": jax.random.key_data(self.rng)}
@@ -312,14 +314,6 @@ class Run:
     """Where each entry of `checkpoint_arrays()` lives, for restoring it."""
     return {"state": self.step_fn.state_shardings, "teacher": self.step_fn.teacher_shardings,
             "rng": sharding.replicated(self.mesh)}
-
-
-def check_process_mesh(config, process_count: int) -> None:
-  """Multi-process runs sample from a local copy of the params: they must be replicated."""
-  if process_count > 1 and (config.mesh.fsdp != 1 or config.mesh.tensor != 1):
-    raise config_lib.ConfigError(
-        f"config.mesh: multi-process runs ({process_count} processes) sample from a local copy of the params, "
-        "which needs them replicated (mesh.fsdp = mesh.tensor = 1)")
 
 
 def optimizer_from_config(config):
@@ -334,11 +328,13 @@ def setup(config) -> Run:
   if config.distributed.enabled:
     # CPU multi-process runs (tests, laptops) need gloo collectives; ignored on GPU/TPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=config.distributed.coordinator_address,
-        num_processes=config.distributed.num_processes, process_id=config.distributed.process_id)
+    d = config.distributed
+    if d.coordinator_address:
+      jax.distributed.initialize(
+          coordinator_address=d.coordinator_address, num_processes=d.num_processes, process_id=d.process_id)
+    else:  # TPU VMs (and SLURM, ...): JAX finds the coordinator, process count and id itself
+      jax.distributed.initialize()
   config_lib.validate(config, num_devices=jax.device_count())
-  check_process_mesh(config, jax.process_count())
   mesh = sharding.make_mesh(sharding.MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   m = config.model
   model, tokenizer = load_model_and_tokenizer(m.preset, m.checkpoint, m.tokenizer, m.param_dtype, seed=config.seed,
@@ -372,7 +368,7 @@ def setup(config) -> Run:
     checkpointer = checkpointing.RunCheckpointer(
         config.checkpoint.dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   run = Run(
-      config=config, tokenizer=tokenizer, mesh=mesh, sample_mesh=mesh if jax.process_count() == 1 else None,
+      config=config, tokenizer=tokenizer, mesh=mesh, sample_mesh=mesh,
       student_graphdef=graphdef, sampler_graphdef=graphdef, step_fn=step_fn, state=state, teacher=teacher,
       peer_config=config_lib.peer_config(config), verifier_pool=default_pool(config.verifier.num_workers),
       train_examples=train_examples, eval_examples=eval_examples, logger=logger, checkpointer=checkpointer,
@@ -390,9 +386,19 @@ def restore(run: Run) -> None:
   run.logger.info(f"resumed from step {position.step} ({run.checkpointer.directory})")
 
 
+def prompts_per_process(config, process_count: int) -> int:
+  """This process's share of `data.prompts_per_step`, the prompts of one optimizer step for the
+  whole run (validated to divide by the number of processes)."""
+  total = config.data.prompts_per_step
+  if total % process_count:
+    raise config_lib.ConfigError(
+        f"config.data.prompts_per_step: {total} prompts per step do not divide over {process_count} processes")
+  return total // process_count
+
+
 def next_prompts(run: Run) -> tuple[list[Example], int]:
   """This process's prompts for the step, and the global index of its first group."""
-  per_process = run.config.data.prompts_per_step
+  per_process = prompts_per_process(run.config, jax.process_count())
   global_start = run.position.data_position + jax.process_index() * per_process
   n = len(run.train_examples)
   return [run.train_examples[(global_start + i) % n] for i in range(per_process)], global_start
@@ -422,7 +428,7 @@ def run_one_step(run: Run) -> dict[str, float]:
   applied = bool(metrics.update_applied)
   nonfinite = 0 if applied else run.position.nonfinite_in_a_row + 1
   run.position = checkpointing.RunPosition(
-      step=step + 1, data_position=run.position.data_position + cfg.data.prompts_per_step * jax.process_count(),
+      step=step + 1, data_position=run.position.data_position + cfg.data.prompts_per_step,
       nonfinite_in_a_row=nonfinite)
   record = rollout_metrics(rollouts, contexts)
   record.update(flatten_metrics(metrics))

@@ -131,16 +131,13 @@ def test_a_mesh_that_does_not_use_the_topology_is_a_config_error():
 def test_plan_reads_no_data_and_takes_processes_from_the_topology():
   c = _tiny(mesh=(-1, 1, 1))
   c.data.task, c.data.path = "jsonl", "/nowhere/train.jsonl"  # the run's file, absent here
-  c.data.prompts_per_step = 4  # per process: 8 prompts over 8 data shards
+  c.data.prompts_per_step = 8  # in all: 4 per process, 8 prompts over 8 data shards
   c.sampling.max_new_tokens = 12  # rounds up to the response bucket 16
   plan = aot.make_plan(c, _topology("v5p:2x2x2"))  # 8 chips on 2 hosts
-  assert plan.processes == 2 and not plan.sample_on_mesh  # each process samples on one chip
-  assert plan.rows == 4 * 2 * 4 and plan.sample_prompts == 4
+  assert plan.processes == 2 and plan.config.distributed.num_processes == 2
+  assert plan.rows == 8 * 4 and plan.sample_prompts == 8  # one sampling program over both hosts
   assert plan.response_len == 16 and plan.prompt_len == 64 and plan.teacher_prompt_len == 256
   assert c.data.path == "/nowhere/train.jsonl"  # the caller's config is untouched
-  c.mesh.fsdp = 2
-  with pytest.raises(config_lib.ConfigError, match=r"config.mesh: multi-process runs \(2 processes\)"):
-    aot.make_plan(c, _topology("v5p:2x2x2"))
 
 
 SMALLEST = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
@@ -181,14 +178,14 @@ def test_model_flops_keep_the_recorded_bench_figure():
   assert flops.train_step_flops(cfg, shape, StepConfig(loss="sft")).teacher == 0.0
 
 
-def test_several_hosts_sample_on_one_local_chip():
-  c = _tiny(mesh=(-1, 1, 1))
-  c.data.prompts_per_step = 4
+def test_several_hosts_sample_in_one_program_over_a_sharded_model():
+  c = _tiny(mesh=(1, 4, 2))  # fsdp spans the two hosts
+  c.data.prompts_per_step = 8  # 4 per host
   report = aot.compile_all(c, _topology("v5p:2x2x2"), programs=("sample",))
   assert report.num_hosts == 2 and [p.name for p in report.programs] == ["sample_prefill", "sample_decode"]
   for p in report.programs:
-    assert p.fits and p.devices == 1 and p.model_flops_per_device == p.model_flops
-  assert report.programs[1].shapes == "16 rows, one token per step (16 in all) over a cache of 80 slots"
+    assert p.fits and p.devices == 8 and p.model_flops_per_device == pytest.approx(p.model_flops / 8)
+  assert report.programs[1].shapes == "32 rows, one token per step (16 in all) over a cache of 80 slots"
 
 
 def test_plan_models_follow_the_config_switches():
@@ -213,3 +210,12 @@ def test_the_decode_step_is_sized_even_when_the_prefill_does_not_fit():
   prefill, decode = report.programs
   assert not prefill.fits and not decode.skipped
   assert decode.live_bytes > 0 and report.exit_code == 1
+
+
+def test_prompts_per_step_is_the_whole_run_s_and_must_divide_over_the_hosts():
+  c = _tiny(mesh=(-1, 1, 1))
+  c.data.prompts_per_step = 8
+  assert aot.make_plan(c, _topology("v5p:2x2x2")).rows == 8 * c.sampling.group_size  # not x 2 hosts
+  c.data.prompts_per_step, c.mesh.data = 3, 1
+  with pytest.raises(config_lib.ConfigError, match=r"config.data.prompts_per_step: 3 prompts per step .* 2 processes"):
+    aot.make_plan(c, _topology("v5p:2x2x2"))

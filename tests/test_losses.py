@@ -436,6 +436,78 @@ def test_aggregations(mode):
     L.aggregate_loss(jnp.asarray(x), jnp.asarray(m), "nope")
 
 
+def _row_splits(rows: int, parts: int) -> list[slice]:
+  size = rows // parts
+  return [slice(i * size, (i + 1) * size) for i in range(parts)]
+
+
+@pytest.mark.parametrize("mode", sorted(L.LOSS_AGGREGATIONS))
+def test_aggregation_denominator_override_splits_the_batch_exactly(mode):
+  """Row slices with the whole batch's count as denominator sum to the whole batch's loss;
+  denominator 1 gives the plain sum. Rows of very unequal lengths, and a fully masked row."""
+  rng = np.random.default_rng(40)
+  x = rng.standard_normal((6, 8))
+  m = (np.arange(8)[None] < np.array([8, 1, 0, 6, 2, 3])[:, None]).astype(np.float64)
+  with x64():
+    xj, mj = jnp.asarray(x), jnp.asarray(m)
+    whole = float(L.aggregate_loss(xj, mj, mode, 5.0))
+    den = L.agg_denominator(mode, mj)
+    assert float(den) == (m.sum() if mode == "token-mean" else 5.0)  # row 2 has no token
+    shares = [float(L.aggregate_loss(xj[sl], mj[sl], mode, 5.0, den)) for sl in _row_splits(6, 3)]
+    sums = [float(L.aggregate_loss(xj[sl], mj[sl], mode, 5.0, 1.0)) for sl in _row_splits(6, 3)]
+    naive = np.mean([float(L.aggregate_loss(xj[sl], mj[sl], mode, 5.0)) for sl in _row_splits(6, 3)])
+  np.testing.assert_allclose(sum(shares), whole, rtol=1e-12)
+  np.testing.assert_allclose(sum(sums) / float(den), whole, rtol=1e-12)
+  assert abs(naive - whole) > 1e-3  # per-slice normalisation would be visibly wrong here
+
+
+def test_loss_denominators_split_every_loss_exactly():
+  """MOPD (with the mismatch mask: a count that depends on the student), GRPO, DPO, SimPO, SFT:
+  the sum over row slices (whole groups) of each slice's loss with the whole batch's
+  denominator equals the whole batch's loss, value and gradient."""
+  hs, ht, ws, wt, targets = rand_hidden(41, b=4, t=6)
+  rng = np.random.default_rng(42)
+  resp = (np.arange(6)[None] < np.array([6, 1, 4, 2])[:, None]).astype(np.float64)
+  logp = rng.normal(-1.5, 0.5, (4, 6))
+  splits = _row_splits(4, 2)
+  with x64():
+    j = jnp.asarray
+    stats = L.chunked_token_stats(j(hs), j(ht), j(ws), j(wt), j(targets), chunk_size=3, **stats_kwargs())
+    old = stats.student_logp + j(rng.normal(0, 0.6, (4, 6)))  # ratios on both sides of the mask's [1/2, 2]
+    cfg = L.DistillConfig(top_k=5, chunk_size=3, mismatch="mask", loss_agg="seq-mean-token-mean")
+    dbatch = L.DistillBatch(targets=j(targets), response_mask=j(resp), distill_mask=j([1.0, 1.0, 0.0, 1.0]),
+                            old_logp=old)
+    whole, met = L.mopd_loss_from_stats(stats, dbatch, cfg)
+    den = L.mopd_loss_denominator(stats, dbatch, cfg)
+    # Row 1's only token is outside the mismatch mask's [1/2, 2], row 2 has distill_mask 0.
+    assert 0 < float(met.mismatch_masked_frac) < 1 and float(den) == 2.0
+    part = lambda tree, sl: jax.tree.map(lambda a: a[sl], tree)
+    shares = [L.mopd_loss_from_stats(part(stats, sl), part(dbatch, sl), cfg, den)[0] for sl in splits]
+    np.testing.assert_allclose(float(sum(shares)), float(whole), rtol=1e-12)
+
+    adv = j([1.0, -1.0, 0.5, -0.5])
+    gb = L.GRPOBatch(old_logp=j(logp + 0.3), advantages=adv, response_mask=j(resp), ref_logp=j(logp - 0.2))
+    pb = L.PreferenceBatch(response_mask=j(resp), chosen=j([0, 3]), rejected=j([1, 2]), pair_mask=j([1.0, 1.0]),
+                           ref_seq_logp=j(rng.normal(-5, 1, 4)))
+    sb = L.SFTBatch(response_mask=j(resp), success=j([1.0, 0.0, 1.0, 1.0]))
+    cases = {"grpo": (gb, L.GRPOConfig(), splits), "dpo": (pb, L.DPOConfig(), None),
+             "simpo": (pb, L.SimPOConfig(), None), "sft": (sb, L.SFTConfig(), splits)}
+    for name, (batch, config, rows) in cases.items():
+      fn, den = L.BASELINE_LOSSES[name], L.BASELINE_DENOMINATORS[name](batch, config)
+      whole_fn = lambda lp: fn(lp, batch, config)[0]
+      if rows is None:  # pairs: one per group of two rows; slice the pairs and re-index
+        slices = [(sl, batch.replace(chosen=batch.chosen[k:k + 1] - 2 * k, rejected=batch.rejected[k:k + 1] - 2 * k,
+                                     pair_mask=batch.pair_mask[k:k + 1], response_mask=batch.response_mask[sl],
+                                     ref_seq_logp=batch.ref_seq_logp[sl]))
+                  for k, sl in enumerate(splits)]
+      else:
+        slices = [(sl, part(batch, sl)) for sl in rows]
+      split_fn = lambda lp: sum(fn(lp[sl], b, config, den)[0] for sl, b in slices)
+      np.testing.assert_allclose(float(split_fn(j(logp))), float(whole_fn(j(logp))), rtol=1e-12, err_msg=name)
+      np.testing.assert_allclose(jax.grad(split_fn)(j(logp)), jax.grad(whole_fn)(j(logp)), atol=1e-12,
+                                 err_msg=name)
+
+
 # ------------------------------------------------------------------ the full MOPD loss
 
 

@@ -453,3 +453,29 @@ def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_batch():
   np.testing.assert_array_equal(whole.tokens, np.concatenate([h.tokens for h in halves]))
   other = sampling.sample(model, prompts[:2], num_samples=2, rng=key, sampling_params=params, prompt_ids=[2, 3])
   assert not np.array_equal(other.tokens, halves[0].tokens)
+
+
+def test_reshard_for_sampling_gathers_fsdp_on_device_and_keeps_tensor_parallelism():
+  from mopd_jax import sharding
+  graphdef, state = _model("llama")
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  params = sharding.shard_params(state, mesh)
+  assert sampling.reshard_for_sampling(params, mesh, "train") is params  # no copy
+  moved = sampling.reshard_for_sampling(params, mesh, "no_fsdp")
+  assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(params))  # the training layout uses fsdp
+  for src, dst in zip(jax.tree.leaves(params), jax.tree.leaves(moved)):
+    assert "fsdp" not in str(dst.sharding.spec) and dst.sharding.mesh == mesh
+    np.testing.assert_array_equal(np.asarray(dst), np.asarray(src))
+  kernel = moved["layers"]["mlp"]["gate_proj"]["kernel"].value  # [layers, embed, mlp]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+  assert kernel.addressable_shards[0].data.shape[2] == kernel.shape[2] // 2
+  # Sampling from either layout gives the same rows.
+  prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]]
+  params_greedy = SamplingParams(temperature=0.0, max_new_tokens=6, **SMALL)
+  a = sampling.sample((graphdef, params), prompts, num_samples=2, rng=jax.random.key(0),
+                      sampling_params=params_greedy, mesh=mesh)
+  b = sampling.sample((graphdef, moved), prompts, num_samples=2, rng=jax.random.key(0),
+                      sampling_params=params_greedy, mesh=mesh)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  with pytest.raises(ValueError, match="sampling layout must be one of"):
+    sharding.sampling_rules("everywhere")

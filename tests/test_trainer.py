@@ -30,6 +30,20 @@ def tiny(method="mopd", **overrides):
 
 # ----------------------------------------------------------------------------- validation
 
+def test_prompts_per_step_is_per_optimizer_step_for_the_whole_run():
+  c = tiny()
+  with c.unlocked():
+    c.data.prompts_per_step = 4
+  assert trainer.prompts_per_process(c, 1) == 4 and trainer.prompts_per_process(c, 2) == 2
+  with pytest.raises(config_lib.ConfigError, match=r"config.data.prompts_per_step: 4 prompts per step do not divide over 3"):
+    trainer.prompts_per_process(c, 3)
+  with c.unlocked():
+    c.data.prompts_per_step = 3
+    c.distributed.enabled, c.distributed.num_processes = True, 2
+  with pytest.raises(config_lib.ConfigError, match=r"config.data.prompts_per_step: 3 prompts per step \(for the whole run\) do not divide over 2 processes"):
+    config_lib.validate(c)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"method": "ppo"}, r"config.method: unknown method 'ppo'"),
     ({"loss.alpha": 1.5}, r"config.loss.alpha: must be in \[0, 1\]"),
@@ -151,6 +165,34 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
   for ra, rb in zip(rows_a, rows_b):
     for key in ("loss", "grad_norm", "rollout/success_rate", "rollout/response_len_mean"):
       assert ra[key] == pytest.approx(rb[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_resume_onto_a_different_mesh(tmp_path):
+  """Saved data parallel on one device, resumed with the model sharded fsdp x tensor: the run
+  continues where it stopped (orbax restores each array straight into its new shards)."""
+  # Large Adam eps: updates linear in the gradient, so the 4-device reduction order is noise only.
+  common = {"data.prompts_per_step": 4, "optim.eps": 1e-4, "optim.lr": 1e-1, "checkpoint.every": 2}
+  straight = tiny(**common, **{"train.steps": 4, "checkpoint.dir": str(tmp_path / "a"), "logging.dir": str(tmp_path / "la")})
+  trainer.train(straight)
+  first = tiny(**common, **{"train.steps": 2, "checkpoint.dir": str(tmp_path / "b"), "logging.dir": str(tmp_path / "lb")})
+  trainer.train(first)
+  resumed = tiny(**common, **{"train.steps": 4, "checkpoint.dir": str(tmp_path / "b"), "logging.dir": str(tmp_path / "lb"),
+                              "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2})
+  run = trainer.setup(resumed)
+  assert run.position.step == 2
+  kernel = run.state.params["layers"]["mlp"]["gate_proj"]["kernel"].value
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  while run.position.step < 4:
+    trainer.run_one_step(run)
+  from mopd_jax import checkpointing
+  reference = checkpointing.RunCheckpointer(tmp_path / "a", async_save=False)._manager.restore(4)["arrays"]
+  state = reference["state"]
+  expected = jax.tree.leaves(state.params if hasattr(state, "params") else state["params"])
+  got = jax.tree.leaves(run.state.params)
+  assert len(expected) == len(got) > 0
+  for x, y in zip(expected, got):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
 
 
 @pytest.mark.slow
