@@ -7,11 +7,46 @@ given on the command line:
         --config.model.checkpoint=/ckpt/Qwen3-8B --config.data.path=/data/lcb_v6_train.jsonl
 """
 
+import dataclasses
+
 from mopd_jax import config_lib
 
 
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A TPU pod a paper run is planned for: its topology (as `python -m mopd_jax.aot` names it),
+  the mesh and the micro-batch that fit it (checked by compiling: experiments/README.md)."""
+
+  topology: str
+  mesh: tuple[int, int, int]  # data, fsdp, tensor
+  micro_batch_rows: int
+
+
+# 32 prompts x 8 rollouts per step: a prompt's rollouts stay on one shard, so data x fsdp <= 32
+# and the other factor of 64 chips goes to tensor parallelism (which also halves the KV cache per
+# chip). fsdp = 32 shards params, AdamW moments and the EMA teacher (128 GB for Qwen3-8B in
+# float32) to 2 GB per chip; the micro-batch bounds activations (1 row per shard = 32 rows).
+TARGETS: dict[str, Target] = {
+    "v5p-64": Target(topology="v5p:4x4x4", mesh=(1, 32, 2), micro_batch_rows=128),
+    "v6e-64": Target(topology="v6e:8x8", mesh=(1, 32, 2), micro_batch_rows=64),
+}
+
+
+def apply_target(c, name: str):
+  """Mesh, micro-batch and splash attention of a TPU target; `c.tpu.topology` names it for
+  `python -m mopd_jax.aot` (its default --topology)."""
+  if name not in TARGETS:
+    raise ValueError(f"paper config: unknown target {name!r}; known: {sorted(TARGETS)}")
+  t = TARGETS[name]
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = t.mesh
+  c.train.micro_batch_rows = t.micro_batch_rows
+  c.model.attention_impl = "splash"
+  c.tpu = dict(target=name, topology=t.topology)
+  return c
+
+
 def paper_config(arg, *, preset: str, task_verifier: str, max_new_tokens: int = 8192):
-  a = config_lib.parse_arg(arg, method="mopd", checkpoint="", data="")
+  a = config_lib.parse_arg(arg, method="mopd", checkpoint="", data="", target="v5p-64")
   c = config_lib.base_config()
   config_lib.apply_method(c, a.method)
   c.model.preset = preset
@@ -22,9 +57,10 @@ def paper_config(arg, *, preset: str, task_verifier: str, max_new_tokens: int = 
   # activations (remat) and 1024-query blocks of attention scores at a time.
   c.model.remat = True
   c.model.attention_chunk = 1024
-  # On NVIDIA GPUs add --config.model.attention_impl=cudnn (flash attention; attention_chunk is
-  # then unused by training and scoring). 1B MOPD step on an H100: 1.51 s with XLA attention,
-  # 0.39-0.51 s with cuDNN (experiments/README.md, "GPU runs").
+  # Planned for a TPU pod (`target=v5p-64` default, or `v6e-64`: mesh, micro-batch, splash
+  # attention, see TARGETS). On NVIDIA GPUs set --config.model.attention_impl=cudnn and a mesh
+  # for the GPUs (attention_chunk is then unused by training and scoring). 1B MOPD step on an
+  # H100: 1.51 s with XLA attention, 0.39-0.51 s with cuDNN (experiments/README.md, "GPU runs").
   c.data.task = "jsonl"
   c.data.path = a.data
   c.data.options = {"verifier": task_verifier}
@@ -46,7 +82,7 @@ def paper_config(arg, *, preset: str, task_verifier: str, max_new_tokens: int = 
   c.eval.every = 20
   c.eval.num_samples = 8
   c.eval.max_new_tokens = max_new_tokens
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+  apply_target(c, a.target)
   c.checkpoint.dir = f"runs/{preset}-{a.method}/checkpoints"
   c.checkpoint.every = 10
   c.logging.dir = f"runs/{preset}-{a.method}"

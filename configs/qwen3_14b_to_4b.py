@@ -9,9 +9,9 @@ from mopd_jax import config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, method="plain_opd", checkpoint="", data="")
-  c = paper_config(f"method={a.method},checkpoint={a.checkpoint},data={a.data}", preset="qwen3-4b",
-                   task_verifier="code")
+  a = config_lib.parse_arg(arg, method="plain_opd", checkpoint="", data="", target="v5p-64")
+  c = paper_config(f"method={a.method},checkpoint={a.checkpoint},data={a.data},target={a.target}",
+                   preset="qwen3-4b", task_verifier="code")
   c.teacher.mode = "external"
   c.teacher.external_preset = "qwen3-14b"
   c.teacher.external_checkpoint = ""  # the 14B HF directory (required); tokenizers must match

@@ -3,7 +3,8 @@
     python -m mopd_jax.aot --config=configs/default.py --topology=v5p:2x2x1 --config.mesh.data=-1
     python -m mopd_jax.aot --config=configs/tiny.py --topology=v5e:2x2 --config.mesh.fsdp=2 \\
         --config.mesh.tensor=2 --config.model.attention_impl=splash --json=aot.json
-    python -m mopd_jax.aot --config=configs/qwen3_14b_to_4b.py --topology=v5p:4x4x4 --programs=train
+    python -m mopd_jax.aot --config=configs/qwen3_8b_lcb.py                  # its target: v5p-64
+    python -m mopd_jax.aot --config=configs/qwen3_14b_to_4b.py:target=v6e-64 --programs=train
 
 No TPU, no weights, no data: the model comes from `config.model.preset` as abstract shapes,
 the mesh from `config.mesh` over the topology's devices, and XLA's TPU compiler (libtpu,
@@ -234,8 +235,12 @@ def _config_error(field: str):
     raise config_lib.ConfigError(f"{field}: {e}") from None
 
 
-def make_plan(config, topology: Topology):
-  """Validate `config` for `topology` and fix the shapes (raises ConfigError / AotError)."""
+def make_plan(config, topology: Topology, num_layers: int = 0):
+  """Validate `config` for `topology` and fix the shapes (raises ConfigError / AotError).
+
+  num_layers > 0: every model at that depth, full width (a quick check of a sharding plan: the
+  scanned layers make the per-layer program the same, and the memory per layer adds up).
+  """
   from mopd_jax import batching, config_lib, sharding, trainer
 
   processes = topology.num_hosts
@@ -256,6 +261,9 @@ def make_plan(config, topology: Topology):
     with _config_error("config.teacher.external_preset"):
       teacher = trainer.preset_model_config(
           c.teacher.external_preset, m.param_dtype, **trainer.compute_options(m, backward=False))
+  if num_layers:
+    student = student.replace(num_layers=num_layers)
+    teacher = None if teacher is None else teacher.replace(num_layers=num_layers)
   d = c.data
   with _config_error("config.sampling"):
     sampling_params = trainer.sampling_params(
@@ -493,8 +501,10 @@ def _train_shape(plan: Plan):
 
 
 def _train_shapes_text(plan: Plan) -> str:
+  micro = plan.step.micro_batch_rows
   return (f"{plan.rows} rows: student {plan.prompt_len}+{plan.response_len}, "
-          f"teacher {plan.teacher_prompt_len}+{plan.response_len}")
+          f"teacher {plan.teacher_prompt_len}+{plan.response_len}"
+          + (f", micro-batches of {micro} rows" if micro and micro < plan.rows else ""))
 
 
 def compile_train_step(plan: Plan, states: _States) -> ProgramReport:
@@ -622,12 +632,12 @@ def compile_sampler(plan: Plan, states: _States) -> tuple[ProgramReport, Program
 
 
 def compile_all(config, topology: Topology, programs: Sequence[str] = PROGRAMS,
-                progress: Callable[[str], None] = lambda line: None) -> AotReport:
+                progress: Callable[[str], None] = lambda line: None, num_layers: int = 0) -> AotReport:
   """Validate, then compile the chosen programs for `topology` (see the module docstring)."""
   unknown = sorted(set(programs) - set(PROGRAMS))
   if unknown:
     raise AotError(f"--programs: unknown {unknown}; known: {', '.join(PROGRAMS)}")
-  plan = make_plan(config, topology)
+  plan = make_plan(config, topology, num_layers)
   states = _abstract_states(plan)
   unit = topology.chip.unit if topology.chip else "device"
   reports: list[ProgramReport] = []
@@ -647,10 +657,11 @@ def compile_all(config, topology: Topology, programs: Sequence[str] = PROGRAMS,
   if "score" in programs:
     run("teacher_score", f"{plan.rows} teacher rows", lambda: compile_teacher_score(plan, states))
   c = plan.config
+  model = c.model.preset + (f" at {plan.student.num_layers} layers" if num_layers else "")
   return AotReport(
       topology=topology.name, device_kind=topology.device_kind, num_devices=topology.num_devices,
       num_hosts=topology.num_hosts, hbm_bytes_per_device=topology.chip.usable_bytes if topology.chip else None,
-      mesh=dict(plan.mesh.shape), model=c.model.preset, method=c.method, teacher_mode=c.teacher.mode,
+      mesh=dict(plan.mesh.shape), model=model, method=c.method, teacher_mode=c.teacher.mode,
       attention_impl=c.model.attention_impl, dtype=c.model.dtype, param_dtype=c.model.param_dtype,
       programs=tuple(reports))
 
@@ -693,12 +704,25 @@ def format_table(report: AotReport) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _main(config, topology_name: str, programs: Sequence[str], json_path: Optional[str]) -> int:
+def target_topology(config, topology_name: Optional[str]) -> str:
+  """--topology, or the topology the config is planned for (`config.tpu.topology`, the paper
+  configs' targets)."""
+  if topology_name:
+    return topology_name
+  planned = config.get("tpu", {}).get("topology") if hasattr(config, "get") else None
+  if not planned:
+    raise AotError(f"--topology is required (the config names no target topology); e.g. {TOPOLOGY_EXAMPLES}")
+  return planned
+
+
+def _main(config, topology_name: Optional[str], programs: Sequence[str], json_path: Optional[str],
+          num_layers: int = 0) -> int:
   from mopd_jax import config_lib
 
   try:
-    topology = get_topology(topology_name)
-    report = compile_all(config, topology, programs, progress=lambda line: print(line, flush=True))
+    topology = get_topology(target_topology(config, topology_name))
+    report = compile_all(config, topology, programs, progress=lambda line: print(line, flush=True),
+                         num_layers=num_layers)
   except (AotError, config_lib.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -725,10 +749,12 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
   config = config_flags.DEFINE_config_file(
       "config", os.path.join(_REPO_ROOT, "configs", "default.py"), "Run configuration (a get_config file).",
       lock_config=True)
-  topology = flags.DEFINE_string("topology", None, f"TPU topology, e.g. {TOPOLOGY_EXAMPLES}", required=True)
+  topology = flags.DEFINE_string(
+      "topology", None, f"TPU topology, e.g. {TOPOLOGY_EXAMPLES}; default: the config's target (config.tpu.topology)")
   programs = flags.DEFINE_list("programs", list(PROGRAMS), f"programs to compile: {', '.join(PROGRAMS)}")
   json_path = flags.DEFINE_string("json", None, "write the report here as JSON")
-  app.run(lambda _: sys.exit(_main(config.value, topology.value, programs.value, json_path.value)),
+  layers = flags.DEFINE_integer("num_layers", 0, "> 0: compile the models at this depth, full width (quick plan check)")
+  app.run(lambda _: sys.exit(_main(config.value, topology.value, programs.value, json_path.value, layers.value)),
           argv=None if argv is None else list(argv))
 
 

@@ -219,3 +219,21 @@ def test_prompts_per_step_is_the_whole_run_s_and_must_divide_over_the_hosts():
   c.data.prompts_per_step, c.mesh.data = 3, 1
   with pytest.raises(config_lib.ConfigError, match=r"config.data.prompts_per_step: 3 prompts per step .* 2 processes"):
     aot.make_plan(c, _topology("v5p:2x2x2"))
+
+
+@pytest.mark.slow
+def test_a_paper_config_fits_its_target_pod_at_reduced_depth():
+  """configs/qwen3_8b_lcb.py planned for v5p-64 (mesh, micro-batch, splash from its target),
+  every program at the paper's largest shapes and full width, 2 of its 36 layers: a change that
+  breaks the sharding plan's fit (or its compilation for the pod) fails here."""
+  import importlib
+  config = importlib.import_module("configs.qwen3_8b_lcb").get_config("target=v5p-64")
+  topology = _topology(aot.target_topology(config, None))
+  assert topology.name == "v5p:4x4x4" and topology.num_devices == 64
+  report = aot.compile_all(config, topology, num_layers=2)
+  assert report.model == "qwen3-8b at 2 layers" and report.mesh == {"data": 1, "fsdp": 32, "tensor": 2}
+  assert [p.name for p in report.programs] == PROGRAMS and report.exit_code == 0
+  for p in report.programs:
+    # all 36 layers: 26.9 GiB of 95.74 for the train step (experiments/README.md, "TPU")
+    assert p.fits and p.live_bytes < 0.5 * p.hbm_bytes, p
+  assert report.programs[0].shapes.endswith("micro-batches of 128 rows")

@@ -228,6 +228,11 @@ def test_paper_configs_validate_given_data_and_fail_clearly_without(name, tmp_pa
   data = tmp_path / "train.jsonl"
   data.write_text("{}\n")
   c = module.get_config(f"data={data}")
-  config_lib.validate(c, num_devices=8)
+  config_lib.validate(c, num_devices=64, platform="tpu")  # the default target: v5p-64
+  assert c.tpu.topology == "v5p:4x4x4" and c.model.attention_impl == "splash"
   with pytest.raises(config_lib.ConfigError, match="config.data.path"):
-    config_lib.validate(module.get_config(None), num_devices=8)
+    config_lib.validate(module.get_config(None), num_devices=64, platform="tpu")
+  with pytest.raises(config_lib.ConfigError, match="config.model.attention_impl: 'splash'"):
+    config_lib.validate(c, num_devices=64, platform="gpu")  # a GPU run must choose its attention
+  with pytest.raises(ValueError, match="unknown target 'v9-1'"):
+    module.get_config("target=v9-1")
