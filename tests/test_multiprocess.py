@@ -70,12 +70,8 @@ def one_process_runs(tmp_path_factory):
     ("1,4,1", "train:ema"),  # fsdp over all 4 devices: params, optimizer and teacher sharded across processes
     ("1,2,2", "train:ema"),  # fsdp = 2 across the processes x tensor = 2 within each
     ("1,2,2", "train:trust_region"),
-    # 2 steps: at step 3 the frozen teacher's run meets a near-tie in the student's top-100 set,
-    # and 2 processes (gloo's reduction order) land on its other side from 1 process whatever the
-    # mesh, data parallel included: params 7e-9 apart after step 2, 1.3e-4 after step 3. The
-    # external teacher here is the same seeded tiny model, so its run is the frozen one.
-    ("1,2,2", "train:frozen:2"),
-    ("1,2,2", "train:external:2"),
+    ("1,2,2", "train:frozen"),
+    ("1,2,2", "train:external"),  # its own graphdef and params (the same seeded tiny model as the start)
 ])
 def test_two_processes_reach_the_same_params_as_one(one_process_runs, tmp_path, mesh, mode):
   reference = one_process_runs(mode)
