@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxpr_tools import all_equations
 from mopd_jax import sharding
 from mopd_jax.models import KVCache, init_model, positions_from_segments, tiny_config
 
@@ -122,25 +123,11 @@ def test_remat_scan_and_chunked_attention_equal_dense_in_logits_and_gradients(va
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
-def _equations(jaxpr) -> list:
-  """Every equation of a jaxpr, sub-jaxprs (scan and remat bodies) included."""
-  out = []
-  for eqn in jaxpr.eqns:
-    out.append(eqn)
-    for p in eqn.params.values():
-      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          out += _equations(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          out += _equations(sub)
-  return out
-
-
 def _training_program(cfg, backward: bool = True) -> list:
   graphdef, params = nnx.split(init_model(cfg), nnx.Param)
   tokens, seg = jnp.zeros((2, 8), jnp.int32), jnp.ones((2, 8), jnp.int32)
   loss = lambda p: jnp.sum(_forward(nnx.merge(graphdef, p), tokens, seg))
-  return _equations(jax.make_jaxpr(jax.grad(loss) if backward else loss)(params).jaxpr)
+  return all_equations(jax.make_jaxpr(jax.grad(loss) if backward else loss)(params).jaxpr)
 
 
 def test_scanned_program_size_does_not_grow_with_depth_and_remats_the_layer_once():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxpr_tools import all_equations
 from mopd_jax import sampling, sharding
 from mopd_jax.models import init_model, positions_from_segments, tiny_config
 from mopd_jax.sampling import FinishReason, SamplingParams, TokenRule
@@ -132,17 +133,7 @@ def test_logprobs_equal_teacher_forced_forward():
 
 
 def _dot_shapes(jaxpr) -> list[tuple[int, ...]]:
-  shapes = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      shapes.append(tuple(eqn.invars[0].aval.shape))
-    for p in eqn.params.values():
-      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          shapes += _dot_shapes(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          shapes += _dot_shapes(sub)
-  return shapes
+  return [tuple(e.invars[0].aval.shape) for e in all_equations(jaxpr) if e.primitive.name == "dot_general"]
 
 
 def test_prefill_runs_once_per_prompt_and_groups_start_from_identical_caches():
