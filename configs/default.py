@@ -39,7 +39,7 @@ def get_config(arg: str | None = None):
   c.data.prompt_buckets = (64,)  # the chat-formatted prompts are 49-51 tokens
   c.data.response_buckets = (64,)
   c.data.teacher_prompt_buckets = (256,)
-  c.mopd.overrides = {"max_teacher_prompt_len": 200, "truncation": "right"}
+  c.mopd.overrides = {"max_teacher_prompt_len": 256, "truncation": "right"}  # the teacher bucket: it bounds the templated prompt
   if a.method == "mopd":
     # The math verifier's feedback repeats the wrong answer ("final answer 189 is incorrect"),
     # and this 135M self-teacher copies it: under feedback-only contexts it raised the wrong

@@ -218,9 +218,27 @@ def validate(config, num_devices: int | None = None, *, platform: str | None = N
          f"{config.data.prompts_per_step} prompts per step (for the whole run) do not divide over {processes} "
          "processes: each process samples an equal share")
   try:
-    peer_config(config)
+    peers_ = peer_config(config)
   except ValueError as e:
     raise ConfigError(f"config.mopd: {e}") from None
+  _check_buckets(config.data, peers_)
+
+
+def _check_buckets(data, peer_cfg: peers.PeerConfig) -> None:
+  """Every length the run can produce fits a bucket: checked here, not mid-run."""
+  for name in ("prompt_buckets", "response_buckets", "teacher_prompt_buckets"):
+    buckets = tuple(data[name])
+    _check(bool(buckets) and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in buckets),
+           f"data.{name}", f"must be a non-empty sequence of positive ints, got {buckets!r}")
+  largest_teacher = max(data.teacher_prompt_buckets)
+  # The limit bounds the chat-templated teacher prompt (trainer.teacher_rows), so it must fit.
+  _check(peer_cfg.max_teacher_prompt_len <= largest_teacher, "mopd.overrides.max_teacher_prompt_len",
+         f"{peer_cfg.max_teacher_prompt_len} exceeds the largest teacher prompt bucket {largest_teacher} "
+         "(data.teacher_prompt_buckets): a teacher prompt filled to the limit would not fit any bucket")
+  # A rollout whose context gets nothing is scored under the student's own prompt.
+  _check(max(data.prompt_buckets) <= largest_teacher, "data.teacher_prompt_buckets",
+         f"the largest teacher prompt bucket {largest_teacher} is smaller than the largest student prompt "
+         f"bucket {max(data.prompt_buckets)} (data.prompt_buckets); an empty context is the student's prompt")
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

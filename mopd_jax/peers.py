@@ -33,9 +33,10 @@ Decisions not fixed by the spec (see also the option docs on `PeerConfig`):
 - Control slots (`random_peer`, `unrelated_prompt`, `success_only_matched`) all use the
   neutral `labels.control` ("Example solution:") so a label never leaks a verdict or
   whether the text answers this problem; only the content differs between controls.
-- The length checked against `max_teacher_prompt_len` is the sum of `count_tokens` over
-  every teacher message's content (kept messages + the new user message); the chat
-  template's own tokens are not counted, leave a margin for them.
+- The length checked against `max_teacher_prompt_len` is `count_prompt_tokens(messages)`
+  of the whole teacher prompt. The trainer passes the chat-templated token count (what
+  the teacher's bucket holds, as the authors truncate templated tokens); without it the
+  sum of `count_tokens` over the messages' contents stands in (no template tokens).
 - Truncation acts only on the section texts (feedback included); the problem text, the
   label lines of surviving sections and the closing line are never cut. See `_truncate`.
 """
@@ -51,6 +52,8 @@ import numpy as np
 from mopd_jax.types import Message, Verdict
 
 CountTokens = Callable[[str], int]
+# Length of a whole prompt (a message list); in training the chat-templated token count.
+CountPromptTokens = Callable[[Sequence[Message]], int]
 
 # Section kinds, in layout order (controls take the place of the peer sections).
 PRIMARY = "primary"
@@ -141,7 +144,7 @@ class TeacherContext:
   distill_mask: float  # 1.0 when something was added (or distill_without_context), else 0.0
   sections: tuple[Section, ...]  # what was added, in layout order
   truncated: bool  # sections were shortened or dropped to fit max_teacher_prompt_len
-  num_tokens: int  # count_tokens summed over the messages' contents
+  num_tokens: int  # the teacher prompt's length as `count_prompt_tokens` measures it
 
   @property
   def kinds(self) -> tuple[str, ...]:
@@ -211,7 +214,7 @@ class PeerConfig:
   include_feedback: bool = True  # the verifier's feedback on i itself (failed i only)
   feedback_only_without_solution: bool = True  # feedback only when no primary exists
   strip_thinking: bool = False  # remove <think>...</think> from demonstrations
-  max_teacher_prompt_len: int = 10240  # tokens, as counted by `count_tokens`
+  max_teacher_prompt_len: int = 10240  # tokens of the teacher prompt (`count_prompt_tokens`)
   truncation: str = "right"  # 'left' | 'right' | 'error'
   labels: PeerLabels = PeerLabels()
   # Matched-budget controls: replace the peer sections by `control` slots holding as many
@@ -600,9 +603,23 @@ def _cut(sections: Sequence[Section], keep_chars: int, keep_end: bool) -> list[S
   return list(reversed(out)) if keep_end else out
 
 
-def _truncate(prefix_tokens: int, problem: str, sections: list[Section], config: PeerConfig,
-              count_tokens: CountTokens, where: str) -> tuple[list[Section], bool, int]:
-  """Fits the teacher prompt into max_teacher_prompt_len.
+def _teacher_messages(prompt: Sequence[Message], sections: Sequence[Section],
+                      labels: PeerLabels) -> tuple[Message, ...]:
+  """The teacher's messages: the prompt with its last user message extended by `sections`
+  (the prompt itself when there are none)."""
+  if not sections:
+    return tuple(prompt)
+  *kept, last = prompt
+  return (*kept, Message("user", _render_user(last.content, sections, labels)))
+
+
+def _content_tokens(count_tokens: CountTokens) -> CountPromptTokens:
+  return lambda messages: sum(count_tokens(m.content) for m in messages)
+
+
+def _truncate(prompt: Sequence[Message], sections: list[Section], config: PeerConfig,
+              count_prompt_tokens: CountPromptTokens, where: str) -> tuple[list[Section], bool, int]:
+  """Fits the teacher prompt into max_teacher_prompt_len, as `count_prompt_tokens` measures it.
 
   Only section texts shrink. 'right' keeps the longest run of section text from the start
   (so feedback, then failure, ... lose their ends first); 'left' keeps the longest run from
@@ -612,8 +629,7 @@ def _truncate(prefix_tokens: int, problem: str, sections: list[Section], config:
   original prompt is returned and the rollout is masked like any empty context).
   """
   def total(secs: Sequence[Section]) -> int:
-    user = _render_user(problem, secs, config.labels) if secs else problem
-    return prefix_tokens + count_tokens(user)
+    return count_prompt_tokens(_teacher_messages(prompt, secs, config.labels))
 
   n = total(sections)
   limit = config.max_teacher_prompt_len
@@ -639,7 +655,7 @@ def _truncate(prefix_tokens: int, problem: str, sections: list[Section], config:
 
 
 def _build_one(groups: Sequence[Group], pos: int, group_index: int, i: int, config: PeerConfig,
-               step: int, count_tokens: CountTokens) -> TeacherContext:
+               step: int, count_tokens: CountTokens, count_prompt_tokens: CountPromptTokens) -> TeacherContext:
   group = groups[pos]
   rngs = _rollout_rngs(config.seed, step, group_index, i)
   if config.control is None:
@@ -653,14 +669,10 @@ def _build_one(groups: Sequence[Group], pos: int, group_index: int, i: int, conf
       and (not config.feedback_only_without_solution or not has_primary)):
     sections.append(Section(FEEDBACK, config.labels.feedback, feedback, ()))
 
-  *kept, last = group.prompt
-  prefix_tokens = sum(count_tokens(m.content) for m in kept)
-  sections, truncated, n = _truncate(prefix_tokens, last.content, sections, config, count_tokens,
+  sections, truncated, n = _truncate(group.prompt, sections, config, count_prompt_tokens,
                                      where=f"group {pos} (index {group_index}), rollout {i}")
-  if sections:
-    messages = (*kept, Message("user", _render_user(last.content, sections, config.labels)))
-  else:  # nothing added: the teacher sees exactly the student's prompt
-    messages = group.prompt
+  # Nothing added: the teacher sees exactly the student's prompt.
+  messages = _teacher_messages(group.prompt, sections, config.labels)
   mask = 1.0 if sections or config.distill_without_context else 0.0
   return TeacherContext(group=pos, rollout=i, messages=tuple(messages), distill_mask=mask,
                         sections=tuple(sections), truncated=truncated, num_tokens=n)
@@ -673,6 +685,7 @@ def build_teacher_contexts(
     step: int = 0,
     group_indices: Sequence[int] | None = None,
     count_tokens: CountTokens = approx_token_count,
+    count_prompt_tokens: CountPromptTokens | None = None,
 ) -> list[list[TeacherContext]]:
   """Teacher contexts for every rollout of every group: result[g][i].
 
@@ -681,8 +694,13 @@ def build_teacher_contexts(
   host-local). `group_indices` are the groups' global indices in the step's batch; the
   random draws of rollout i of group g are seeded from (config.seed, step,
   group_indices[g], i), so a group draws the same peers whatever the process count.
-  `count_tokens` should be the real tokenizer's count in training.
+  `count_tokens` should be the real tokenizer's count in training (it sizes matched-budget
+  controls); `count_prompt_tokens` measures a whole teacher prompt against
+  `max_teacher_prompt_len` (in training: the chat-templated token count, so the limit is the
+  teacher's bucket; default: `count_tokens` summed over the message contents).
   """
+  if count_prompt_tokens is None:
+    count_prompt_tokens = _content_tokens(count_tokens)
   groups = list(groups)
   if group_indices is None:
     group_indices = range(len(groups))
@@ -696,7 +714,8 @@ def build_teacher_contexts(
   for g in groups:
     if not isinstance(g, Group):
       raise ValueError(f"build_teacher_contexts expects Group records, got {type(g).__name__}")
-  return [[_build_one(groups, pos, gi, i, config, int(step), count_tokens) for i in range(len(g))]
+  return [[_build_one(groups, pos, gi, i, config, int(step), count_tokens, count_prompt_tokens)
+           for i in range(len(g))]
           for pos, (g, gi) in enumerate(zip(groups, group_indices))]
 
 

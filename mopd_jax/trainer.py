@@ -213,13 +213,14 @@ def teacher_rows(run: "Run", rollouts: Rollouts, step: int, group_offset: int):
       peers.Group(prompt=tuple(e.prompt), responses=tuple(rollouts.texts[i * g:(i + 1) * g]),
                   verdicts=tuple(rollouts.verdicts[i * g:(i + 1) * g]))
       for i, e in enumerate(rollouts.examples)]
+  thinking = run.config.sampling.enable_thinking
   count = lambda text: len(run.tokenizer.encode(text))
+  # The limit bounds the templated prompt, the length the teacher's bucket must hold.
+  count_prompt = lambda messages: len(chat_prompt_tokens(run.tokenizer, messages, thinking))
   contexts = peers.build_teacher_contexts(
       groups, run.peer_config, step=step, group_indices=[group_offset + i for i in range(len(groups))],
-      count_tokens=count)
-  prompts = [
-      chat_prompt_tokens(run.tokenizer, ctx.messages, run.config.sampling.enable_thinking)
-      for row in contexts for ctx in row]
+      count_tokens=count, count_prompt_tokens=count_prompt)
+  prompts = [chat_prompt_tokens(run.tokenizer, ctx.messages, thinking) for row in contexts for ctx in row]
   return contexts, prompts
 
 
