@@ -5,7 +5,7 @@
     python -m mopd_jax.evaluate --checkpoint=runs/default/checkpoints --k=8 --num_items=100
 
 The main job's config (configs/default.py: model, task, prompt format, sampler buckets,
-verifier) plus an `evaluate` section; `config.eval` holds k, temperature, max_new_tokens.
+verifier) plus an `evaluate` section; `config.eval` holds k, temperature, top_p, max_new_tokens.
 """
 
 import ml_collections

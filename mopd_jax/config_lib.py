@@ -75,12 +75,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.mopd = dict(
       preset="",  # "" = the method's preset; explicit overrides below
       overrides=ml_collections.ConfigDict({}, type_safe=False))
+  # mismatch: "" (off) or "mask" (drop tokens whose trainer/sampler ratio leaves [1/2, 2]). No
+  # "tis": is_clip's weight against the sampler's log-probs already is that truncated-IS correction.
+  # agg_norm: the constant that seq-mean-token-sum-norm divides by; 0 = sampling.max_new_tokens.
+  # GRPO clips as the authors' baseline did (verl: clip_ratio_low 0.2, clip_ratio_high 0.28, dual
+  # clip clip_ratio_c 3, no KL); grpo_clip_c = 0 or None turns the dual clip off.
   c.loss = dict(
       alpha=0.5, top_k=100, use_tail=True, full_logits=True, is_clip=2.0, mismatch="",
-      step_level=False, loss_agg="token-mean", chunk_size=512,
-      grpo_clip=0.2, grpo_kl_coef=0.001, grpo_use_kl=False, grpo_normalize_std=True,
+      step_level=False, loss_agg="token-mean", agg_norm=0.0, chunk_size=512,
+      grpo_clip=0.2, grpo_clip_high=0.28, grpo_clip_c=3.0, grpo_kl_coef=0.001, grpo_use_kl=False,
+      grpo_normalize_std=True,
       dpo_beta=0.1, simpo_beta=2.0, simpo_gamma=1.0)
-  c.optim = dict(lr=1e-5, warmup_steps=0, schedule="constant", b1=0.9, b2=0.999, eps=1e-8,
+  # lr: the peak learning rate of every method but dpo and simpo, which train at preference_lr
+  # (the authors ran DPO and SimPO at 1e-6, MOPD and GRPO at 1e-5). So --config.optim.lr does not
+  # change a dpo/simpo run: set --config.optim.preference_lr there (`learning_rate` picks one).
+  c.optim = dict(lr=1e-5, preference_lr=1e-6, warmup_steps=0, schedule="constant", b1=0.9, b2=0.999, eps=1e-8,
                  weight_decay=0.0, grad_clip=1.0)
   c.data = dict(
       task="reasoning_gym", options=ml_collections.ConfigDict({}, type_safe=False),
@@ -89,18 +98,26 @@ def base_config() -> ml_collections.ConfigDict:
       path="",
       prompt_buckets=(64, 128, 256, 512, 1024, 2048),
       response_buckets=(32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
-      teacher_prompt_buckets=(128, 256, 512, 1024, 2048, 4096, 8192, 10240))
+      teacher_prompt_buckets=(128, 256, 512, 1024, 2048, 4096, 8192, 10240),
+      # Student prompts (chat-templated, as the sampler sees them) longer than max_prompt_len
+      # (0 = the largest prompt bucket) are dropped at load time, train and eval alike (verl's
+      # `filter_overlong_prompts`); False: such a prompt is an error at load time, naming it.
+      max_prompt_len=0, filter_overlong_prompts=True)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   # enabled with coordinator_address "": jax.distributed.initialize() finds everything (TPU VMs).
   c.distributed = dict(enabled=False, coordinator_address="", num_processes=1, process_id=0)
   # micro_batch_rows: rows per micro-batch, gradients accumulated into one update per step
   # (0 = the whole batch at once); a multiple of sampling.group_size dividing the step's rows.
   c.train = dict(steps=100, max_nonfinite_in_a_row=3, micro_batch_rows=0)
-  c.eval = dict(every=0, num_samples=4, temperature=1.0, max_new_tokens=512, at_start=True, at_end=True,
-                batch_prompts=32)
+  c.eval = dict(every=0, num_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=512, at_start=True,
+                at_end=True, batch_prompts=32)
   c.checkpoint = dict(dir="", every=10, keep=3, async_save=True)
   c.logging = dict(dir="", rollout_sample_every=10, rollout_samples=4, progress=True)
-  c.verifier = dict(num_workers=2, deadline_s=10.0)
+  # success_threshold: a training rollout succeeds when its reward >= this (graded rewards, e.g.
+  # the fraction of unit tests passed). 1.0 keeps each verifier's own success, which for every
+  # built-in verifier is reward == 1. Evaluation always counts the verifier's own success (mean@k
+  # of fully solved items, as reported).
+  c.verifier = dict(num_workers=2, deadline_s=10.0, success_threshold=1.0)
   return c
 
 
@@ -123,17 +140,49 @@ def peer_config(config) -> peers.PeerConfig:
   return peers.get_preset(preset, seed=config.seed, **dict(config.mopd.overrides))
 
 
+PREFERENCE_LOSSES = ("dpo", "simpo")  # the methods trained at optim.preference_lr
+
+
+def learning_rate(config) -> float:
+  """The run's peak learning rate: `optim.preference_lr` for DPO and SimPO, `optim.lr` otherwise."""
+  return config.optim.preference_lr if method_of(config).loss in PREFERENCE_LOSSES else config.optim.lr
+
+
+def agg_norm(config) -> float:
+  """The constant of seq-mean-token-sum-norm: `loss.agg_norm`, or the longest response. Not the
+  padded length of the step's batch (verl's default), which follows the response bucket here."""
+  return float(config.loss.agg_norm or config.sampling.max_new_tokens)
+
+
 def distill_config(config) -> losses.DistillConfig:
   l = config.loss
   return losses.DistillConfig(
       alpha=l.alpha, top_k=l.top_k or None, use_tail=l.use_tail, full_logits=l.full_logits,
       temperature=config.sampling.temperature, is_clip=l.is_clip or None, mismatch=l.mismatch or None,
-      step_level=l.step_level, loss_agg=l.loss_agg, chunk_size=l.chunk_size)
+      step_level=l.step_level, loss_agg=l.loss_agg, agg_norm=agg_norm(config), chunk_size=l.chunk_size)
 
 
 def _check(ok: bool, field: str, message: str) -> None:
   if not ok:
     raise ConfigError(f"config.{field}: {message}")
+
+
+def _check_loss_options(l) -> None:
+  _check(l.mismatch != "tis", "loss.mismatch",
+         "'tis' is not offered: loss.is_clip's weight min(p_student / p_sampler, is_clip) already is the "
+         "token-level truncated IS correction of the sampler/trainer mismatch (one update per step, so the "
+         "trainer's old policy is the current student; the authors ran verl's rollout_is=token at threshold 2), "
+         "and 'tis' would apply it twice (the weight squared). Set loss.is_clip for its threshold, or "
+         "loss.mismatch='mask' to drop the tokens where sampler and trainer disagree")
+  known = ", ".join(repr(k) for k in sorted(losses.MISMATCH_CORRECTIONS))
+  _check(not l.mismatch or l.mismatch in losses.MISMATCH_CORRECTIONS, "loss.mismatch",
+         f"unknown {l.mismatch!r}; known: '' (off), {known}")
+  _check(l.agg_norm is None or l.agg_norm >= 0, "loss.agg_norm",
+         f"must be > 0 (or 0: sampling.max_new_tokens), got {l.agg_norm}")
+  _check(l.grpo_clip > 0, "loss.grpo_clip", f"must be > 0, got {l.grpo_clip}")
+  _check(l.grpo_clip_high > 0, "loss.grpo_clip_high", f"must be > 0, got {l.grpo_clip_high}")
+  _check(not l.grpo_clip_c or l.grpo_clip_c > 1.0, "loss.grpo_clip_c",
+         f"must be > 1 (dual clip) or 0 / None (off), got {l.grpo_clip_c}")
 
 
 def validate(config, num_devices: int | None = None, *, platform: str | None = None) -> None:
@@ -150,6 +199,7 @@ def validate(config, num_devices: int | None = None, *, platform: str | None = N
          "sampled-token mode (full_logits=False) requires loss.alpha=1")
   _check(config.loss.loss_agg in losses.LOSS_AGGREGATIONS, "loss.loss_agg",
          f"unknown {config.loss.loss_agg!r}; known: {sorted(losses.LOSS_AGGREGATIONS)}")
+  _check_loss_options(config.loss)
   _check(config.teacher.mode in TEACHER_MODES, "teacher.mode",
          f"unknown {config.teacher.mode!r}; known: {TEACHER_MODES}")
   _check(0.0 <= config.teacher.rate <= 1.0, "teacher.rate", f"must be in [0, 1], got {config.teacher.rate}")
@@ -165,6 +215,7 @@ def validate(config, num_devices: int | None = None, *, platform: str | None = N
   _check(config.sampling.temperature > 0, "sampling.temperature",
          "must be > 0 for training (log-probs are taken at the sampling temperature)")
   _check(0.0 < config.sampling.top_p <= 1.0, "sampling.top_p", f"must be in (0, 1], got {config.sampling.top_p}")
+  _check(0.0 < config.eval.top_p <= 1.0, "eval.top_p", f"must be in (0, 1], got {config.eval.top_p}")
   _check(config.sampling.param_layout in sharding.SAMPLING_LAYOUTS, "sampling.param_layout",
          f"must be one of {sharding.SAMPLING_LAYOUTS}, got {config.sampling.param_layout!r}")
   _check(isinstance(config.model.attention_chunk, int) and config.model.attention_chunk >= 0,
@@ -183,6 +234,10 @@ def validate(config, num_devices: int | None = None, *, platform: str | None = N
   _check(config.model.attention_impl != "cudnn" or config.model.dtype == "bfloat16", "model.attention_impl",
          f"'cudnn' needs model.dtype='bfloat16', got {config.model.dtype!r}")
   _check(config.data.prompts_per_step >= 1, "data.prompts_per_step", "must be >= 1")
+  _check_prompt_limit(config.data)
+  threshold = config.verifier.success_threshold
+  # 0 would count a failed verification (reward 0: crash, timeout, no answer) as a success.
+  _check(0.0 < threshold <= 1.0, "verifier.success_threshold", f"must be in (0, 1], got {threshold}")
   _check(config.train.steps >= 0, "train.steps", "must be >= 0")
   micro = config.train.micro_batch_rows
   rows = config.data.prompts_per_step * g  # the rows of one optimizer step, all processes together
@@ -194,6 +249,7 @@ def validate(config, num_devices: int | None = None, *, platform: str | None = N
     _check(rows % micro == 0, "train.micro_batch_rows",
            f"{micro} does not divide the {rows} rows of a step (data.prompts_per_step x sampling.group_size)")
   _check(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
+  _check(config.optim.preference_lr > 0, "optim.preference_lr", f"must be > 0, got {config.optim.preference_lr}")
   if config.data.task in ("jsonl", "parquet", "tfds"):
     _check(bool(config.data.path), "data.path", f"task {config.data.task!r} needs a data file")
   if config.data.path:
@@ -239,6 +295,24 @@ def _check_buckets(data, peer_cfg: peers.PeerConfig) -> None:
   _check(max(data.prompt_buckets) <= largest_teacher, "data.teacher_prompt_buckets",
          f"the largest teacher prompt bucket {largest_teacher} is smaller than the largest student prompt "
          f"bucket {max(data.prompt_buckets)} (data.prompt_buckets); an empty context is the student's prompt")
+
+
+def _check_prompt_limit(data) -> None:
+  """data.max_prompt_len: a kept prompt must fit a prompt bucket, or the sampler fails mid-run."""
+  limit, largest = data.max_prompt_len, max(tuple(data.prompt_buckets), default=0)
+  _check(isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0, "data.max_prompt_len",
+         f"must be an int >= 0 (0 = the largest prompt bucket), got {limit!r}")
+  _check(not largest or limit <= largest, "data.max_prompt_len",
+         f"{limit} exceeds the largest prompt bucket {largest} (data.prompt_buckets): a prompt that long "
+         "would be kept but could not be sampled")
+  _check(isinstance(data.filter_overlong_prompts, bool), "data.filter_overlong_prompts",
+         f"must be True or False, got {data.filter_overlong_prompts!r}")
+
+
+def max_prompt_len(config) -> int:
+  """The longest student prompt (chat-templated tokens) a run keeps: `data.max_prompt_len`, or
+  the largest prompt bucket when it is 0."""
+  return config.data.max_prompt_len or max(config.data.prompt_buckets)
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

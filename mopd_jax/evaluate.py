@@ -8,7 +8,8 @@
 The config is the training config tree (`configs/evaluate.py` = `configs/default.py` plus an
 `evaluate` section), so a run's own config evaluates its model on its held-out prompts with
 the same prompt format, sampler settings (`config.sampling`, `config.data.*_buckets`) and
-verifier; `config.eval` holds k (`num_samples`), temperature, max_new_tokens, batch_prompts.
+verifier; `config.eval` holds k (`num_samples`), temperature, top_p, max_new_tokens, batch_prompts.
+Prompts longer than `data.max_prompt_len` are dropped first, as the trainer does.
 
 Checkpoints (`--checkpoint`, i.e. `config.evaluate.checkpoint`; "" = `config.model.checkpoint`):
 - a `.gguf` file, a Hugging Face directory, or "smollm2-gguf": loaded as the model;
@@ -43,7 +44,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mopd_jax import checkpointing, sharding, trainer
+from mopd_jax import checkpointing, config_lib, sharding, trainer
 from mopd_jax.analysis.diversity import Diversity, group_diversity, mean_diversity
 from mopd_jax.passk import PassAtK, aggregate_pass_at_k, pass_at_k
 from mopd_jax.tokenizer import Tokenizer
@@ -195,8 +196,9 @@ def groups_from_rollouts(rollouts: trainer.Rollouts) -> list[RolloutGroup]:
 
 def sample_groups(run: SamplerRun, examples: Sequence[Example], rng: jax.Array, *, num_samples: int,
                   temperature: float, max_new_tokens: int, batch_prompts: int, progress: bool = True,
-                  desc: str = "sampling") -> list[RolloutGroup]:
-  """G = num_samples verified responses for every example, `batch_prompts` prompts per call."""
+                  desc: str = "sampling", top_p: Optional[float] = None) -> list[RolloutGroup]:
+  """G = num_samples verified responses for every example, `batch_prompts` prompts per call.
+  top_p: None = `config.sampling.top_p`; evaluation passes `config.eval.top_p`."""
   shards = 1 if run.sample_mesh is None else sharding.num_batch_shards(run.sample_mesh)
   batch_prompts = max(batch_prompts, 1)
   bar = ProgressBar(desc, progress)
@@ -207,7 +209,7 @@ def sample_groups(run: SamplerRun, examples: Sequence[Example], rng: jax.Array, 
     padded = part + [part[0]] * (-len(part) % shards)
     rollouts = trainer.sample_and_verify(
         run, padded, jax.random.fold_in(rng, start), group_size=num_samples, temperature=temperature,
-        max_new_tokens=max_new_tokens)
+        top_p=top_p, max_new_tokens=max_new_tokens)
     groups += groups_from_rollouts(rollouts)[:len(part)]
     bar(len(groups), len(examples))
   bar.close()
@@ -335,6 +337,7 @@ class EvaluationSummary:
   length_finish_frac: float  # samples cut by max_new_tokens
   diversity: Diversity  # per-item diversity averaged over items
   seconds: float
+  top_p: float = 1.0
 
 
 def default_ks(n: int) -> tuple[int, ...]:
@@ -344,7 +347,8 @@ def default_ks(n: int) -> tuple[int, ...]:
 
 
 def summarize(groups: Sequence[RolloutGroup], ks: Sequence[int], *, checkpoint: str, task: str, temperature: float,
-              max_new_tokens: int, seconds: float = 0.0) -> tuple[EvaluationSummary, list[ItemResult]]:
+              max_new_tokens: int, seconds: float = 0.0, top_p: float = 1.0
+              ) -> tuple[EvaluationSummary, list[ItemResult]]:
   """pass@k (unbiased, `passk.pass_at_k`), mean@k and diversity from verified groups."""
   successes = [g.successes for g in groups]
   stats = aggregate_pass_at_k(successes, ks=tuple(ks))
@@ -359,7 +363,7 @@ def summarize(groups: Sequence[RolloutGroup], ks: Sequence[int], *, checkpoint: 
       mean_reward=float(np.mean([np.mean(g.rewards) for g in groups])),
       mean_response_tokens=float(np.mean(lengths)) if lengths else math.nan,
       length_finish_frac=float(np.mean([r == "length" for r in reasons])) if reasons else math.nan,
-      diversity=mean_diversity([g.responses for g in groups]), seconds=float(seconds))
+      diversity=mean_diversity([g.responses for g in groups]), seconds=float(seconds), top_p=float(top_p))
   return summary, items
 
 
@@ -384,7 +388,7 @@ def markdown_summary(s: EvaluationSummary) -> str:
   lines = [
       "# Evaluation", "",
       f"checkpoint: `{s.checkpoint}`; task: `{s.task}`; {s.num_items} items x {s.num_samples} samples; "
-      f"temperature {s.temperature}; max_new_tokens {s.max_new_tokens}; {s.seconds:.0f} s", "",
+      f"temperature {s.temperature}; top-p {s.top_p}; max_new_tokens {s.max_new_tokens}; {s.seconds:.0f} s", "",
       "| metric | value |", "|---|---|",
       f"| mean@{s.num_samples} (success) | {pct(s.mean_at_k)} |",
       *[f"| pass@{p.k} | {pct(p.pass_at_k)} |" for p in s.pass_at_k],
@@ -443,16 +447,22 @@ def evaluate(config) -> tuple[EvaluationSummary, list[ItemResult], EvaluationPat
   examples = eval_examples(config)
   if not examples:
     raise ValueError("config.evaluate: no items to evaluate")
+  # As the trainer does: a prompt over data.max_prompt_len goes now, not mid-run in the sampler.
+  examples, dropped = trainer.drop_overlong_prompts(config, tokenizer, examples, None, "evaluation")
+  if dropped:
+    print(f"[evaluate] {dropped} of {dropped + len(examples)} prompts over data.max_prompt_len="
+          f"{config_lib.max_prompt_len(config)} tokens filtered out", file=sys.stderr)
   ks = tuple(e.ks) or default_ks(ev.num_samples)
   if max(ks) > ev.num_samples:
     raise ValueError(f"config.evaluate.ks: pass@{max(ks)} needs eval.num_samples >= {max(ks)}")
   run = make_sampler_run(config, graphdef, params, tokenizer)
   groups = sample_groups(
       run, examples, jax.random.key(e.seed), num_samples=ev.num_samples, temperature=ev.temperature,
-      max_new_tokens=ev.max_new_tokens, batch_prompts=ev.batch_prompts, progress=e.progress, desc="evaluate")
+      top_p=ev.top_p, max_new_tokens=ev.max_new_tokens, batch_prompts=ev.batch_prompts, progress=e.progress,
+      desc="evaluate")
   summary, items = summarize(
       groups, ks, checkpoint=description, task=_task_name(config), temperature=ev.temperature,
-      max_new_tokens=ev.max_new_tokens, seconds=time.perf_counter() - start)
+      max_new_tokens=ev.max_new_tokens, seconds=time.perf_counter() - start, top_p=ev.top_p)
   out_dir = e.out_dir or os.path.join("runs", f"eval-{int(time.time())}")
   return summary, items, write_results(out_dir, summary, items)
 

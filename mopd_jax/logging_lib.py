@@ -59,6 +59,17 @@ class MetricsLogger:
       return
     (self._bar.write if self._bar else print)(f"[mopd] {message}")
 
+  def warning(self, message: str) -> None:
+    """A condition that makes the run's numbers misleading (e.g. a step that trains on nothing):
+    on stderr, so it shows even when stdout is a progress bar or redirected."""
+    if not self.enabled:
+      return
+    line = f"[mopd] WARNING: {message}"
+    if self._bar is not None:
+      self._bar.write(line, file=sys.stderr)
+    else:
+      print(line, file=sys.stderr, flush=True)
+
   def log(self, step: int, record: Mapping[str, float]) -> None:
     if not self.enabled:
       return

@@ -368,6 +368,11 @@ def importance_weight(logp: Array, old_logp: Array, is_clip: float | None = 2.0)
 
 # A mismatch correction maps (trainer_logp, sampler_logp, threshold) to
 # (token weight, token keep-mask), both [B, T] and without gradient.
+# No truncated-IS ("tis") entry: with one update per batch the trainer's old policy is the
+# current student, so `importance_weight` against the sampler's log-probs (cap is_clip) already
+# is the token-level truncated IS of the sampler/trainer mismatch (the authors' verl
+# `rollout_is=token`, threshold 2, times a PPO ratio that is 1 on-policy). A second factor
+# min(ratio, threshold) squared it (`DistillConfig` refuses "tis").
 MismatchFn = Callable[[Array, Array, float], tuple[Array, Array]]
 MISMATCH_CORRECTIONS: dict[str, MismatchFn] = {}
 
@@ -395,13 +400,6 @@ def mismatch_mask(trainer_logp: Array, sampler_logp: Array, threshold: float = 2
   r = _mismatch_ratio(trainer_logp, sampler_logp)
   keep = ((r <= threshold) & (r >= 1.0 / threshold)).astype(r.dtype)
   return jnp.ones_like(r), keep
-
-
-@_register(MISMATCH_CORRECTIONS, "tis")
-def mismatch_truncated_is(trainer_logp: Array, sampler_logp: Array, threshold: float = 2.0) -> tuple[Array, Array]:
-  """Truncated IS: weight each token by min(ratio, threshold); keeps every token."""
-  r = _mismatch_ratio(trainer_logp, sampler_logp)
-  return jnp.minimum(r, threshold), jnp.ones_like(r)
 
 
 def step_ids_from_separators(is_separator: Array) -> Array:
@@ -445,12 +443,13 @@ def step_mean(per_token: Array, step_ids: Array, mask: Array) -> Array:
 # 4. Aggregation
 # ---------------------------------------------------------------------------------------
 
-# (per_token [B, T], mask [B, T], norm, denominator) -> scalar. The seq-mean modes average over
+# (per_token [B, T], mask [B, T], norm, denominator) -> scalar. The two seq-mean modes average over
 # sequences with at least one unmasked token, so rollouts masked out whole (distill_mask = 0) do
-# not dilute the mean. Every mode is a sum of per-row terms over max(count, 1), the count a
-# gradient-free function of the mask (`AGG_DENOMINATORS`). `denominator` overrides that count:
-# the whole batch's count makes a slice of rows give its share of the batch's loss, and 1 gives
-# the plain sum (gradient accumulation over micro-batches, `train_step`).
+# not dilute the mean; seq-mean-token-sum-norm divides by a constant only (count 1). Every mode
+# is a sum of per-row terms over max(count, 1), the count a gradient-free function of the mask
+# (`AGG_DENOMINATORS`). `denominator` overrides that count: the whole batch's count makes a slice
+# of rows give its share of the batch's loss, and 1 gives the plain sum (gradient accumulation
+# over micro-batches, `train_step`).
 AggFn = Callable[[Array, Array, float | None, Array | float | None], Array]
 LOSS_AGGREGATIONS: dict[str, AggFn] = {}
 AGG_DENOMINATORS: dict[str, Callable[[Array], Array]] = {}
@@ -462,8 +461,14 @@ def token_count(mask: Array) -> Array:
 
 
 def sequence_count(mask: Array) -> Array:
-  """Sequences with at least one unmasked token: the denominator of the seq-mean modes."""
+  """Sequences with at least one unmasked token: the denominator of seq-mean-token-sum and
+  seq-mean-token-mean."""
   return jnp.sum((jnp.sum(mask, axis=-1) > 0).astype(mask.dtype))
+
+
+def unit_count(mask: Array) -> Array:
+  """1: the count of seq-mean-token-sum-norm, whose divisor is the constant `norm` alone."""
+  return jnp.ones((), mask.dtype)
 
 
 def _register_agg(name: str, denominator: Callable[[Array], Array]):
@@ -502,12 +507,38 @@ def agg_seq_mean_token_mean(per_token: Array, mask: Array, norm: float | None = 
   return _seq_mean(sums / jnp.maximum(jnp.sum(mask, axis=-1), 1.0), mask, denominator)
 
 
-@_register_agg("seq-mean-token-sum-norm", sequence_count)
+def row_count(mask: Array) -> Array:
+  """Every row, masked out whole or not: the denominator of seq-mean-token-mean-all-rows."""
+  return jnp.asarray(mask.shape[0], mask.dtype)
+
+
+@_register_agg("seq-mean-token-mean-all-rows", row_count)
+def agg_seq_mean_token_mean_all_rows(per_token: Array, mask: Array, norm: float | None = None,
+                                     denominator: Array | float | None = None) -> Array:
+  """Mean over *every* row of each row's token mean; a row masked out whole adds 0 but counts.
+
+  What the authors' verl runs compute (docs/SPEC_VS_AUTHORS.md): ppo_micro_batch_size_per_gpu=1
+  makes their token-mean a per-sequence mean (a masked-out sequence gives 0 / max(0, 1)), and
+  each micro-batch's loss is scaled by 1 / the mini-batch's rows. seq-mean-token-mean differs
+  only in leaving masked-out rows (distill_mask = 0) out of the count.
+  """
+  sums = jnp.sum(per_token * mask, axis=-1)
+  count = per_token.shape[0] if denominator is None else denominator
+  return jnp.sum(sums / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)) / jnp.maximum(count, 1.0)
+
+
+@_register_agg("seq-mean-token-sum-norm", unit_count)
 def agg_seq_mean_token_sum_norm(per_token: Array, mask: Array, norm: float | None = None,
                                 denominator: Array | float | None = None) -> Array:
-  """Mean over sequences of token sum / norm (a constant; default the padded length T)."""
+  """Sum over sequences of each one's token sum, divided by `norm` (default the padded length T).
+
+  verl's `agg_loss` (Dr. GRPO), despite the name: no division by the number of sequences, which
+  varies from step to step, only by the constant. `denominator` (1 for a whole batch) keeps the
+  interface of the other modes: a slice of rows with the batch's count 1 gives its share.
+  """
   norm = float(per_token.shape[-1]) if norm is None else float(norm)
-  return _seq_mean(jnp.sum(per_token * mask, axis=-1) / norm, mask, denominator)
+  count = 1.0 if denominator is None else denominator
+  return jnp.sum(per_token * mask) / norm / jnp.maximum(count, 1.0)
 
 
 def aggregate_loss(per_token: Array, mask: Array, mode: str = "token-mean", norm: float | None = None,
@@ -551,11 +582,11 @@ class DistillConfig:
   full_logits: bool = True  # False: sampled-token reverse-KL policy gradient (alpha must be 1)
   temperature: float = 1.0
   is_clip: float | None = 2.0  # None: no cap on the importance weight
-  mismatch: str | None = None  # None | "mask" | "tis" (MISMATCH_CORRECTIONS)
+  mismatch: str | None = None  # None | "mask" (MISMATCH_CORRECTIONS); no "tis": it is is_clip
   mismatch_threshold: float = 2.0
   step_level: bool = False  # needs DistillBatch.step_ids
   loss_agg: str = "token-mean"
-  agg_norm: float | None = None  # constant of seq-mean-token-sum-norm; None: T
+  agg_norm: float | None = None  # the constant seq-mean-token-sum-norm divides by; None: padded T
   # Sequence positions per logits chunk. Loss + gradient peak memory is about
   # 4.3 * B * chunk_size * V * 4 bytes (measured: 0.67 GB at B = 1, C = 256, V = 151936).
   chunk_size: int = 512
@@ -571,12 +602,20 @@ class DistillConfig:
       raise ValueError(f"DistillConfig.temperature must be > 0, got {self.temperature}")
     if self.is_clip is not None and self.is_clip <= 0:
       raise ValueError(f"DistillConfig.is_clip must be > 0 or None, got {self.is_clip}")
+    if self.mismatch == "tis":
+      raise ValueError(
+          "DistillConfig.mismatch='tis' is not offered: the importance weight min(p_student / p_sampler, is_clip) "
+          "already is the token-level truncated IS correction (one update per batch: the trainer's old policy is "
+          "the current student), so 'tis' would apply it twice (the weight squared). Set is_clip for its "
+          "threshold; mismatch='mask' drops the tokens where sampler and trainer disagree instead")
     if self.mismatch is not None and self.mismatch not in MISMATCH_CORRECTIONS:
       raise ValueError(f"DistillConfig.mismatch: unknown {self.mismatch!r}; known: {sorted(MISMATCH_CORRECTIONS)}")
     if self.mismatch_threshold <= 1.0:
       raise ValueError(f"DistillConfig.mismatch_threshold must be > 1, got {self.mismatch_threshold}")
     if self.loss_agg not in LOSS_AGGREGATIONS:
       raise ValueError(f"DistillConfig.loss_agg: unknown {self.loss_agg!r}; known: {sorted(LOSS_AGGREGATIONS)}")
+    if self.agg_norm is not None and self.agg_norm <= 0:
+      raise ValueError(f"DistillConfig.agg_norm must be > 0 or None, got {self.agg_norm}")
     if self.chunk_size < 1:
       raise ValueError(f"DistillConfig.chunk_size must be >= 1, got {self.chunk_size}")
 
@@ -756,10 +795,25 @@ def group_advantages(rewards: Array, *, normalize_std: bool = True, eps: float =
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
-  clip_eps: float = 0.2
+  """PPO-clip options (defaults: the authors' GRPO baseline, verl's compute_policy_loss_vanilla
+  with clip_ratio_low 0.2, clip_ratio_high 0.28 and clip_ratio_c 3). Hashable."""
+
+  clip_eps: float = 0.2  # clip-low: the ratio is clipped below at 1 - clip_eps
+  clip_high: float = 0.28  # the ratio is clipped above at 1 + clip_high ("clip-higher")
+  # Dual clip: for negative advantages the loss is capped at -A * clip_c (> 1), so a token the
+  # policy now makes far likelier than the sampler did cannot push with an unbounded ratio. None: off.
+  clip_c: float | None = 3.0
   kl_coef: float = 0.001  # k3 KL to the reference; used when GRPOBatch.ref_logp is given
   loss_agg: str = "token-mean"
   agg_norm: float | None = None
+
+  def __post_init__(self):
+    if self.clip_eps <= 0:
+      raise ValueError(f"GRPOConfig.clip_eps must be > 0, got {self.clip_eps}")
+    if self.clip_high <= 0:
+      raise ValueError(f"GRPOConfig.clip_high must be > 0, got {self.clip_high}")
+    if self.clip_c is not None and self.clip_c <= 1.0:
+      raise ValueError(f"GRPOConfig.clip_c must be > 1 (dual clip) or None (off), got {self.clip_c}")
 
 
 @flax.struct.dataclass
@@ -776,6 +830,7 @@ class GRPOMetrics:
   pg_loss: Array
   kl: Array  # mean k3 KL (0 without ref_logp)
   clip_frac: Array  # fraction of tokens where the clipped term was active
+  dual_clip_frac: Array  # fraction of tokens capped at -A * clip_c (negative advantages)
   ratio: Array  # mean ratio
 
 
@@ -789,13 +844,22 @@ def k3_kl(logp: Array, ref_logp: Array) -> Array:
 def grpo_loss(
     logp: Array, batch: GRPOBatch, config: GRPOConfig = GRPOConfig(), denominator: Array | float | None = None,
 ) -> tuple[Array, GRPOMetrics]:
-  """PPO clipped-ratio loss with group advantages, plus optional k3 KL to the reference."""
+  """PPO clipped-ratio loss with group advantages, plus optional k3 KL to the reference.
+
+  Per token: max(-A r, -A clip(r, 1 - clip_eps, 1 + clip_high)); with clip_c and A < 0, then
+  min(that, -A clip_c) (dual clip).
+  """
   mask = batch.response_mask.astype(logp.dtype)
   ratio = jnp.exp(jnp.clip(logp - batch.old_logp, -20.0, 20.0))
   adv = batch.advantages.astype(logp.dtype)[:, None]
   unclipped = -adv * ratio
-  clipped = -adv * jnp.clip(ratio, 1.0 - config.clip_eps, 1.0 + config.clip_eps)
+  clipped = -adv * jnp.clip(ratio, 1.0 - config.clip_eps, 1.0 + config.clip_high)
   pg = jnp.maximum(unclipped, clipped)
+  dual_clipped = jnp.zeros_like(pg)
+  if config.clip_c is not None:
+    cap = -adv * config.clip_c
+    dual_clipped = ((adv < 0) & (pg > cap)).astype(pg.dtype)
+    pg = jnp.where(adv < 0, jnp.minimum(pg, cap), pg)
   pg_loss = aggregate_loss(pg, mask, config.loss_agg, config.agg_norm, denominator)
   kl = jnp.zeros((), logp.dtype)
   loss = pg_loss
@@ -806,7 +870,7 @@ def grpo_loss(
   metrics = GRPOMetrics(
       loss=sg(loss), pg_loss=sg(pg_loss), kl=sg(kl),
       clip_frac=masked_mean(sg((clipped > unclipped).astype(logp.dtype)), mask),
-      ratio=masked_mean(sg(ratio), mask))
+      dual_clip_frac=masked_mean(sg(dual_clipped), mask), ratio=masked_mean(sg(ratio), mask))
   return loss, metrics
 
 

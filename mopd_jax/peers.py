@@ -39,6 +39,13 @@ Decisions not fixed by the spec (see also the option docs on `PeerConfig`):
   sum of `count_tokens` over the messages' contents stands in (no template tokens).
 - Truncation acts only on the section texts (feedback included); the problem text, the
   label lines of surviving sections and the closing line are never cut. See `_truncate`.
+- Summaries variant (`use_summaries`), as the authors run it (docs/SPEC_VS_AUTHORS.md):
+  the student's prompt gets `labels.summary_instruction` (`student_prompt`, training
+  rollouts only), the primary stays in full and the summaries are of the *other* peers of
+  the pool (never the primary shown in full; self as `exclude_self_success` says for a
+  success, never for a failure). The trainer gives `Group.prompt`
+  as the student sampled it, so the teacher's problem text carries the instruction too
+  (`summary_instruction_to_teacher`).
 """
 
 from __future__ import annotations
@@ -185,6 +192,11 @@ class PeerLabels:
   summary_item: str = "- {summary}"
   summary_item_success: str = "- (successful) {summary}"  # used when summaries_from='all'
   summary_item_failure: str = "- (failed) {summary}"  # used when summaries_from='all'
+  # Appended (after `separator`) to the student's last user message when use_summaries is on,
+  # so responses end with the summary peers are given; the authors' wording. "" = none (a task
+  # whose prompt already asks for one).
+  summary_instruction: str = ("After your answer, briefly summarize your key approach in one sentence "
+                              "inside <summary> tags, e.g. <summary>...</summary>.")
   separator: str = "\n\n"  # between problem text, sections and the closing line
 
   def __post_init__(self):
@@ -199,7 +211,7 @@ class PeerLabels:
 _BOOL_FIELDS = (
     "exclude_self_success", "include_primary", "include_another", "include_failure",
     "include_feedback", "feedback_only_without_solution", "strip_thinking", "use_summaries",
-    "summaries_replace_solutions", "distill_without_context")
+    "summaries_replace_solutions", "summary_instruction_to_teacher", "distill_without_context")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,11 +233,17 @@ class PeerConfig:
   # blocks ('block') or as many peer-text tokens ('token') as 2S1F would have had.
   control: str | None = None  # None | 'random_peer' | 'unrelated_prompt' | 'success_only_matched'
   control_match: str = "block"  # 'block' | 'token'
-  # Summaries variant: k peer summaries (from a trailing <summary>...</summary>).
+  # Summaries variant: the student is asked for a trailing <summary>...</summary> (see
+  # `student_prompt`); the teacher gets k summaries of peers after the primary solution.
   use_summaries: bool = False
   summaries_k: int = 3
-  summaries_from: str = "all"  # 'successes' | 'failures' | 'all'
-  summaries_replace_solutions: bool = True  # spec: summaries *instead of* full solutions
+  summaries_from: str = "successes"  # 'successes' | 'failures' | 'all' (the authors' default: successes)
+  # True: summaries *instead of* the full primary/another/failure texts (an earlier reading of
+  # the spec, kept as an ablation); the authors and the spec keep the primary.
+  summaries_replace_solutions: bool = False
+  # The teacher's problem text keeps the student's summary instruction (the authors': the
+  # response it scores ends with the summary the instruction asked for). False: the original text.
+  summary_instruction_to_teacher: bool = True
   # Plain OPD: the teacher is external, so the plain prompt still carries signal.
   distill_without_context: bool = False
   seed: int = 0
@@ -337,6 +355,12 @@ def _plain_opd() -> PeerConfig:
                     include_feedback=False, distill_without_context=True)
 
 
+@register_preset("summaries")
+def _summaries() -> PeerConfig:
+  """The authors' summaries variant: primary solution, then summaries of the other successes."""
+  return PeerConfig(include_another=False, include_failure=False, use_summaries=True)
+
+
 @register_preset("random_peer")
 def _random_peer() -> PeerConfig:
   return PeerConfig(control="random_peer")
@@ -380,6 +404,39 @@ def extract_summary(text: str) -> str | None:
   found = _SUMMARY.findall(strip_thinking(text))
   summary = found[-1].strip() if found else ""
   return summary or None
+
+
+def _with_summary_instruction(content: str, labels: PeerLabels) -> str:
+  return labels.separator.join([content, labels.summary_instruction])
+
+
+def student_prompt(prompt: Sequence[Message], config: PeerConfig) -> tuple[Message, ...]:
+  """The prompt the student samples from (and is trained on) in training.
+
+  With `use_summaries` its last user message ends with `labels.summary_instruction`, so
+  responses carry the `<summary>` the teacher contexts are built from; otherwise `prompt`.
+  Evaluation samples the task's own prompt (the authors add the instruction in training only).
+  """
+  prompt = tuple(prompt)
+  if not config.use_summaries or not config.labels.summary_instruction:
+    return prompt
+  last = max((k for k, m in enumerate(prompt) if m.role == "user"), default=None)
+  if last is None:
+    raise ValueError("student_prompt: the prompt has no user message to append the summary instruction to")
+  content = _with_summary_instruction(prompt[last].content, config.labels)
+  return prompt[:last] + (Message("user", content),) + prompt[last + 1:]
+
+
+def _teacher_base(prompt: tuple[Message, ...], config: PeerConfig) -> tuple[Message, ...]:
+  """The prompt the teacher's sections extend: the student's, or (summary_instruction_to_teacher
+  False) the student's without the summary instruction `student_prompt` appended."""
+  if not config.use_summaries or config.summary_instruction_to_teacher or not config.labels.summary_instruction:
+    return prompt
+  *kept, last = prompt
+  suffix = _with_summary_instruction("", config.labels)
+  if last.content.endswith(suffix):
+    last = Message(last.role, last.content[:-len(suffix)])
+  return (*kept, last)
 
 
 def _demo_text(text: str, config: PeerConfig) -> str:
@@ -451,11 +508,12 @@ def _peer_section(kind: str, label: str, groups: Sequence[Group], ref: PeerRef,
 
 
 def _summaries_section(groups: Sequence[Group], pos: int, i: int, config: PeerConfig,
-                       rng: np.random.Generator) -> Section | None:
+                       rng: np.random.Generator, shown: int | None) -> Section | None:
+  """k summaries drawn from the pool; `shown` (the primary, given in full) is not summarised again."""
   group, labels = groups[pos], config.labels
   succ = set(_successes_for(group, i, config.exclude_self_success))
   fails = {j for j in group.failures if j != i}
-  pool = {"successes": succ, "failures": fails, "all": succ | fails}[config.summaries_from]
+  pool = {"successes": succ, "failures": fails, "all": succ | fails}[config.summaries_from] - {shown}
   found = {j: extract_summary(group.responses[j]) for j in sorted(pool)}
   eligible = [j for j, s in found.items() if s is not None]
   if not eligible:
@@ -485,10 +543,11 @@ def _method_sections(groups: Sequence[Group], pos: int, i: int, config: PeerConf
                      draw_failure=solutions and config.include_failure and failure_allowed,
                      failure_rng=rngs.failure)
   sections = []
-  if solutions and config.include_primary and cand.primary is not None:
-    sections.append(_peer_section(PRIMARY, labels.primary, groups, PeerRef(pos, cand.primary), config))
+  shown = cand.primary if solutions and config.include_primary else None
+  if shown is not None:
+    sections.append(_peer_section(PRIMARY, labels.primary, groups, PeerRef(pos, shown), config))
   if config.use_summaries:
-    summaries = _summaries_section(groups, pos, i, config, rngs.summaries)
+    summaries = _summaries_section(groups, pos, i, config, rngs.summaries, shown)
     if summaries is not None:
       sections.append(summaries)
   if solutions and config.include_another and cand.another is not None:
@@ -669,10 +728,11 @@ def _build_one(groups: Sequence[Group], pos: int, group_index: int, i: int, conf
       and (not config.feedback_only_without_solution or not has_primary)):
     sections.append(Section(FEEDBACK, config.labels.feedback, feedback, ()))
 
-  sections, truncated, n = _truncate(group.prompt, sections, config, count_prompt_tokens,
+  base = _teacher_base(group.prompt, config)
+  sections, truncated, n = _truncate(base, sections, config, count_prompt_tokens,
                                      where=f"group {pos} (index {group_index}), rollout {i}")
   # Nothing added: the teacher sees exactly the student's prompt.
-  messages = _teacher_messages(group.prompt, sections, config.labels)
+  messages = _teacher_messages(base, sections, config.labels) if sections else group.prompt
   mask = 1.0 if sections or config.distill_without_context else 0.0
   return TeacherContext(group=pos, rollout=i, messages=tuple(messages), distill_mask=mask,
                         sections=tuple(sections), truncated=truncated, num_tokens=n)
@@ -733,4 +793,28 @@ def context_stats(contexts: Sequence[Sequence[TeacherContext]]) -> dict[str, flo
   }
   for kind in (PRIMARY, SUMMARIES, ANOTHER, FAILURE, CONTROL, FEEDBACK):
     stats[f"peers/has_{kind}_frac"] = sum(kind in c.kinds for c in flat) / n
+  # 1.0 when no rollout of the step got a context: a distillation step that trains on nothing.
+  stats["peers/all_masked_step"] = float(all(c.distill_mask == 0.0 for c in flat))
   return stats
+
+
+def summary_stats(responses: Sequence[str]) -> dict[str, float]:
+  """The fraction of responses with a `<summary>` (summaries variant): 0 starves every context."""
+  if not responses:
+    return {}
+  return {"peers/summary_tag_frac": sum(extract_summary(r) is not None for r in responses) / len(responses)}
+
+
+def context_warnings(contexts: Sequence[Sequence[TeacherContext]], responses: Sequence[str],
+                     config: PeerConfig) -> list[str]:
+  """What makes a distillation step silently useless, in words (empty when all is well)."""
+  flat = [c for row in contexts for c in row]
+  out = []
+  if flat and all(c.distill_mask == 0.0 for c in flat):
+    out.append(f"all {len(flat)} teacher contexts are empty (no peer, no feedback: distill_mask 0 for every "
+               "rollout), so the distillation loss trains on nothing this step; check the peer options "
+               "(config.mopd) against the rollouts' successes and feedback")
+  if config.use_summaries and responses and not any(extract_summary(r) is not None for r in responses):
+    out.append(f"summaries variant: none of the {len(responses)} responses has a <summary>...</summary>, "
+               "so no context gets summaries; the student's prompt should carry labels.summary_instruction")
+  return out

@@ -27,7 +27,7 @@ from mopd_jax.train_step import (
     StepConfig, TeacherState, TrainState, init_teacher_state, init_train_state, jit_train_step, make_optimizer,
     make_train_step)
 from mopd_jax.types import Example, Message, Verdict
-from mopd_jax.verifiers.base import VerifierPool, default_pool
+from mopd_jax.verifiers.base import VerifierPool, apply_success_threshold, default_pool
 
 
 class TrainingError(RuntimeError):
@@ -103,7 +103,9 @@ def step_config(config) -> StepConfig:
   return StepConfig(
       loss=method.loss, teacher_mode=config.teacher.mode, teacher_rate=config.teacher.rate,
       group_size=config.sampling.group_size, distill=config_lib.distill_config(config),
-      grpo=losses.GRPOConfig(clip_eps=l.grpo_clip, kl_coef=l.grpo_kl_coef, loss_agg=l.loss_agg),
+      grpo=losses.GRPOConfig(
+          clip_eps=l.grpo_clip, clip_high=l.grpo_clip_high, clip_c=l.grpo_clip_c or None, kl_coef=l.grpo_kl_coef,
+          loss_agg=l.loss_agg, agg_norm=config_lib.agg_norm(config)),
       grpo_normalize_std=l.grpo_normalize_std, grpo_use_kl=l.grpo_use_kl,
       dpo=losses.DPOConfig(beta=l.dpo_beta), simpo=losses.SimPOConfig(beta=l.simpo_beta, gamma=l.simpo_gamma),
       micro_batch_rows=config.train.micro_batch_rows)
@@ -140,6 +142,61 @@ def load_examples(config) -> tuple[list[Example], list[Example]]:
   return examples[:-d.eval_size][:d.train_size], examples[-d.eval_size:]
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptFilter:
+  """What the overlong-prompt filter dropped at load time (verl's `filter_overlong_prompts`)."""
+
+  max_prompt_len: int
+  train_kept: int
+  train_dropped: int
+  eval_kept: int
+  eval_dropped: int
+
+  def message(self) -> str:
+    return (f"prompts over data.max_prompt_len={self.max_prompt_len} tokens filtered out: {self.train_dropped} of "
+            f"{self.train_kept + self.train_dropped} training, {self.eval_dropped} of "
+            f"{self.eval_kept + self.eval_dropped} eval")
+
+
+def drop_overlong_prompts(config, tokenizer: Tokenizer, examples: Sequence[Example],
+                          peer_config: Optional[peers.PeerConfig], what: str) -> tuple[list[Example], int]:
+  """(the examples whose student prompt fits `config_lib.max_prompt_len`, how many were dropped).
+
+  A prompt is measured as the sampler will see it: `student_messages` (peer_config: training's
+  instruction; None: evaluation's own prompt), chat template, `sampling.enable_thinking`. With
+  data.filter_overlong_prompts=False the first longer prompt is an error naming it, here at load
+  time rather than mid-run in the sampler. Dropping every prompt is an error too.
+  """
+  limit = config_lib.max_prompt_len(config)
+  kept = []
+  for i, e in enumerate(examples):
+    n = len(chat_prompt_tokens(tokenizer, student_messages(e, peer_config), config.sampling.enable_thinking))
+    if n <= limit:
+      kept.append(e)
+    elif not config.data.filter_overlong_prompts:
+      raise config_lib.ConfigError(
+          f"config.data.filter_overlong_prompts=False: {what} prompt {i} (example_id {e.example_id!r}) has {n} "
+          f"tokens after the chat template, over data.max_prompt_len={limit}; set "
+          "data.filter_overlong_prompts=True to drop such prompts, or raise data.max_prompt_len (and "
+          "data.prompt_buckets)")
+  if examples and not kept:
+    raise config_lib.ConfigError(
+        f"config.data.max_prompt_len: all {len(examples)} {what} prompts are longer than {limit} tokens after "
+        "the chat template; nothing is left to sample")
+  return kept, len(examples) - len(kept)
+
+
+def filter_prompts(config, tokenizer: Tokenizer, peer_config: peers.PeerConfig, train: Sequence[Example],
+                   held_out: Sequence[Example]) -> tuple[list[Example], list[Example], PromptFilter]:
+  """`drop_overlong_prompts` over the training prompts (as training samples them) and the
+  held-out ones (as evaluation does)."""
+  train_kept, train_dropped = drop_overlong_prompts(config, tokenizer, train, peer_config, "training")
+  eval_kept, eval_dropped = drop_overlong_prompts(config, tokenizer, held_out, None, "eval")
+  stats = PromptFilter(max_prompt_len=config_lib.max_prompt_len(config), train_kept=len(train_kept),
+                       train_dropped=train_dropped, eval_kept=len(eval_kept), eval_dropped=eval_dropped)
+  return train_kept, eval_kept, stats
+
+
 # ----------------------------------------------------------------------------- rollouts
 
 
@@ -155,6 +212,12 @@ class Rollouts:
   verdicts: Sequence[Verdict]
   finish_reasons: Sequence[str]
   group_size: int
+  # The chat messages example i was sampled from: its prompt, plus the summary instruction in
+  # training (`peers.student_prompt`). Empty: the examples' own prompts.
+  student_messages: Sequence[Sequence[Message]] = ()
+
+  def messages(self, i: int) -> tuple[Message, ...]:
+    return tuple(self.student_messages[i] if self.student_messages else self.examples[i].prompt)
 
 
 def chat_prompt_tokens(tokenizer: Tokenizer, messages: Sequence[Message], enable_thinking: bool) -> list[int]:
@@ -162,23 +225,36 @@ def chat_prompt_tokens(tokenizer: Tokenizer, messages: Sequence[Message], enable
       [m.as_dict() for m in messages], add_generation_prompt=True, enable_thinking=enable_thinking)
 
 
+def student_messages(example: Example, peer_config: Optional[peers.PeerConfig]) -> tuple[Message, ...]:
+  """The chat messages the student samples `example` from: in training (a `peer_config`)
+  `peers.student_prompt` (the summaries variant's instruction), in evaluation (None) its own
+  prompt. One function for the sampler and the overlong-prompt filter, so both see one prompt."""
+  return tuple(example.prompt) if peer_config is None else peers.student_prompt(example.prompt, peer_config)
+
+
 def sampling_params(config, *, temperature: float, max_new_tokens: int, stop_token_ids: Sequence[int] = (),
-                    pad_id: int = 0) -> sampling_lib.SamplingParams:
-  """How the run samples (training rollouts and evaluation differ in temperature and length)."""
+                    pad_id: int = 0, top_p: Optional[float] = None) -> sampling_lib.SamplingParams:
+  """How the run samples (training rollouts and evaluation differ in temperature, top-p and
+  length). top_p: None = `sampling.top_p` (training's); evaluation passes `eval.top_p`."""
   return sampling_lib.SamplingParams(
-      temperature=temperature, top_p=config.sampling.top_p, top_k=config.sampling.top_k or None,
+      temperature=temperature, top_p=config.sampling.top_p if top_p is None else top_p,
+      top_k=config.sampling.top_k or None,
       max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_token_ids), pad_id=pad_id,
       stop_strings=tuple(config.sampling.stop_strings), prompt_buckets=tuple(config.data.prompt_buckets),
       generation_buckets=tuple(config.data.response_buckets))
 
 
 def sample_and_verify(run: "Run", examples: Sequence[Example], rng, *, group_size: int, temperature: float,
-                      max_new_tokens: int, first_prompt_id: int = 0) -> Rollouts:
+                      max_new_tokens: int, first_prompt_id: int = 0, training: bool = False,
+                      top_p: Optional[float] = None) -> Rollouts:
   """Sample G rollouts per example and verify them. `first_prompt_id`: the global index of
-  examples[0], which keys each prompt's random stream (see `sampling.sample`)."""
+  examples[0], which keys each prompt's random stream (see `sampling.sample`). training: sample
+  from `peers.student_prompt` (the summaries variant's instruction); evaluation (the default)
+  samples the task's own prompt, as the authors' validation does. top_p: see `sampling_params`."""
   cfg = run.config
-  prompts = [chat_prompt_tokens(run.tokenizer, e.prompt, cfg.sampling.enable_thinking) for e in examples]
-  params = sampling_params(cfg, temperature=temperature, max_new_tokens=max_new_tokens,
+  messages = [student_messages(e, run.peer_config if training else None) for e in examples]
+  prompts = [chat_prompt_tokens(run.tokenizer, m, cfg.sampling.enable_thinking) for m in messages]
+  params = sampling_params(cfg, temperature=temperature, max_new_tokens=max_new_tokens, top_p=top_p,
                            stop_token_ids=tuple(run.tokenizer.eos_ids), pad_id=run.tokenizer.pad_id)
   result = sampling_lib.sample(
       (run.sampler_graphdef, run.sampler_params()), prompts, num_samples=group_size, rng=rng,
@@ -200,19 +276,22 @@ def sample_and_verify(run: "Run", examples: Sequence[Example], rng, *, group_siz
     raise TrainingError(
         f"verifier workers could not start ({broken[0].feedback}); scripts that call the trainer must guard "
         "their entry point with `if __name__ == '__main__':` (workers re-import the main module)")
+  if training:  # who counts as a peer success (and what verified SFT trains on); eval keeps full solves
+    verdicts = [apply_success_threshold(v, cfg.verifier.success_threshold) for v in verdicts]
   return Rollouts(
       examples=examples, prompt_tokens=prompts, response_tokens=responses, response_logprobs=logprobs,
       texts=texts, verdicts=verdicts, finish_reasons=[f.value for f in result.finish_reasons],
-      group_size=group_size)
+      group_size=group_size, student_messages=messages)
 
 
 def teacher_rows(run: "Run", rollouts: Rollouts, step: int, group_offset: int):
   """Teacher contexts for every rollout, tokenised: (contexts, teacher prompt tokens)."""
   g = rollouts.group_size
   groups = [
-      peers.Group(prompt=tuple(e.prompt), responses=tuple(rollouts.texts[i * g:(i + 1) * g]),
+      # The prompt the student sampled from: the teacher's problem text is what the student read.
+      peers.Group(prompt=rollouts.messages(i), responses=tuple(rollouts.texts[i * g:(i + 1) * g]),
                   verdicts=tuple(rollouts.verdicts[i * g:(i + 1) * g]))
-      for i, e in enumerate(rollouts.examples)]
+      for i in range(len(rollouts.examples))]
   thinking = run.config.sampling.enable_thinking
   count = lambda text: len(run.tokenizer.encode(text))
   # The limit bounds the templated prompt, the length the teacher's bucket must hold.
@@ -272,7 +351,7 @@ def evaluate(run: "Run", examples: Sequence[Example], rng) -> EvalResult:
     part = list(examples[start:start + chunk])
     rollouts = sample_and_verify(
         run, part + [part[0]] * (-len(part) % shards), rng, group_size=k, temperature=c.temperature,
-        max_new_tokens=c.max_new_tokens, first_prompt_id=start)
+        top_p=c.top_p, max_new_tokens=c.max_new_tokens, first_prompt_id=start)
     for i in range(len(part)):
       successes.append([v.success for v in rollouts.verdicts[i * k:(i + 1) * k]])
   (stats,) = aggregate_pass_at_k(successes, ks=(k,))
@@ -302,6 +381,7 @@ class Run:
   checkpointer: Optional[checkpointing.RunCheckpointer]
   position: checkpointing.RunPosition
   rng: Any
+  prompt_filter: Optional[PromptFilter] = None  # what load time dropped (data.max_prompt_len)
 
   def sampler_params(self):
     # The sampler runs over the same mesh (spanning every process), from the training layout or
@@ -318,11 +398,12 @@ class Run:
 
 
 def optimizer_from_config(config):
-  """(optax optimizer, learning-rate schedule) from `config.optim` and `config.train.steps`."""
+  """(optax optimizer, learning-rate schedule) from `config.optim` and `config.train.steps`; the
+  peak rate is the method's (`config_lib.learning_rate`: optim.preference_lr for DPO and SimPO)."""
   o = config.optim
   return make_optimizer(
-      o.lr, warmup_steps=o.warmup_steps, total_steps=config.train.steps, schedule=o.schedule, b1=o.b1, b2=o.b2,
-      eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
+      config_lib.learning_rate(config), warmup_steps=o.warmup_steps, total_steps=config.train.steps,
+      schedule=o.schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip=o.grad_clip)
 
 
 def setup(config) -> Run:
@@ -360,10 +441,14 @@ def setup(config) -> Run:
       mesh, state, teacher)
   state = jax.device_put(state, step_fn.state_shardings)
   teacher = jax.device_put(teacher, step_fn.teacher_shardings)
-  train_examples, eval_examples = load_examples(config)
+  peer_config = config_lib.peer_config(config)
+  # Overlong prompts go now, measured as the sampler will see them, not mid-run in the sampler.
+  train_examples, eval_examples, prompt_filter = filter_prompts(
+      config, tokenizer, peer_config, *load_examples(config))
   log_dir = config.logging.dir or os.path.join("runs", f"{config.method}-{int(time.time())}")
   logger = MetricsLogger(log_dir, enabled=jax.process_index() == 0, progress=config.logging.progress,
                          total_steps=config.train.steps)
+  logger.info(prompt_filter.message())
   checkpointer = None
   if config.checkpoint.dir:
     checkpointer = checkpointing.RunCheckpointer(
@@ -371,9 +456,10 @@ def setup(config) -> Run:
   run = Run(
       config=config, tokenizer=tokenizer, mesh=mesh, sample_mesh=mesh,
       student_graphdef=graphdef, sampler_graphdef=graphdef, step_fn=step_fn, state=state, teacher=teacher,
-      peer_config=config_lib.peer_config(config), verifier_pool=default_pool(config.verifier.num_workers),
+      peer_config=peer_config, verifier_pool=default_pool(config.verifier.num_workers),
       train_examples=train_examples, eval_examples=eval_examples, logger=logger, checkpointer=checkpointer,
-      position=checkpointing.RunPosition(step=0, data_position=0), rng=jax.random.key(config.seed))
+      position=checkpointing.RunPosition(step=0, data_position=0), rng=jax.random.key(config.seed),
+      prompt_filter=prompt_filter)
   if checkpointer is not None and checkpointer.latest_step() is not None:
     restore(run)
   return run
@@ -415,7 +501,7 @@ def run_one_step(run: Run) -> dict[str, float]:
   rollouts = sample_and_verify(
       run, examples, jax.random.fold_in(step_rng, 1), group_size=cfg.sampling.group_size,
       temperature=cfg.sampling.temperature, max_new_tokens=cfg.sampling.max_new_tokens,
-      first_prompt_id=group_offset)
+      first_prompt_id=group_offset, training=True)
   times["time/sample_and_verify_s"] = time.perf_counter() - t0
   t1 = time.perf_counter()
   contexts, teacher_prompts = teacher_rows(run, rollouts, step, group_offset)
@@ -432,6 +518,11 @@ def run_one_step(run: Run) -> dict[str, float]:
       step=step + 1, data_position=run.position.data_position + cfg.data.prompts_per_step,
       nonfinite_in_a_row=nonfinite)
   record = rollout_metrics(rollouts, contexts)
+  if run.peer_config.use_summaries:
+    record.update(peers.summary_stats(rollouts.texts))
+  if config_lib.method_of(cfg).loss == "distill":  # contexts only shape the distillation loss
+    for message in peers.context_warnings(contexts, rollouts.texts, run.peer_config):
+      run.logger.warning(f"step {step}: {message}")
   record.update(flatten_metrics(metrics))
   record.update(times)
   total = sum(times.values())

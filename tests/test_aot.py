@@ -206,6 +206,7 @@ def test_the_decode_step_is_sized_even_when_the_prefill_does_not_fit():
   c = _tiny(mesh=(-1, 1, 1))
   c.data.prompts_per_step = 4096  # the prefill's cache of 4096 x 4 rows does not fit one v5e chip
   c.data.prompt_buckets = (1024,)
+  c.data.teacher_prompt_buckets = (1024,)  # an empty teacher context is the student's prompt
   report = aot.compile_all(c, _topology("v5e:2x2"), programs=("sample",))
   prefill, decode = report.programs
   assert not prefill.fits and not decode.skipped

@@ -79,6 +79,10 @@ def np_target_logp(logits, targets, temperature=1.0):
 def np_aggregate(x, m, mode, norm=None):
   if mode == "token-mean":
     return (x * m).sum() / max(m.sum(), 1)
+  if mode == "seq-mean-token-sum-norm":  # verl's agg_loss: every row's token sum / a constant, no row count
+    return float((x * m).sum(-1).sum() / (x.shape[1] if norm is None else norm))
+  if mode == "seq-mean-token-mean-all-rows":  # the authors' verl runs: every row counts, a masked-out one as 0
+    return float(sum((x[i] * m[i]).sum() / max(m[i].sum(), 1) for i in range(x.shape[0])) / x.shape[0])
   rows = [i for i in range(x.shape[0]) if m[i].sum() > 0]
   if not rows:
     return 0.0
@@ -89,8 +93,6 @@ def np_aggregate(x, m, mode, norm=None):
       vals.append(s)
     elif mode == "seq-mean-token-mean":
       vals.append(s / m[i].sum())
-    elif mode == "seq-mean-token-sum-norm":
-      vals.append(s / (x.shape[1] if norm is None else norm))
   return float(np.mean(vals))
 
 
@@ -397,9 +399,24 @@ def test_mismatch_corrections():
     w, keep = L.mismatch_mask(jnp.asarray(trainer), jnp.asarray(sampler), 2.0)
     np.testing.assert_array_equal(keep, [[1, 0, 1, 1]])
     np.testing.assert_array_equal(w, 1.0)
-    w, keep = L.mismatch_truncated_is(jnp.asarray(trainer), jnp.asarray(sampler), 2.0)
-    np.testing.assert_allclose(w, [[1.0, 2.0, 0.5 / 0.9, 0.5 / 0.3]], rtol=1e-12)
-    np.testing.assert_array_equal(keep, 1.0)
+  assert set(L.MISMATCH_CORRECTIONS) == {"mask"}  # "tis" is the importance weight itself: see below
+
+
+def test_truncated_is_mismatch_is_refused_because_the_importance_weight_is_it():
+  """The IS weight min(p_student / p_sampler, is_clip) already is the authors' token-level TIS
+  (verl rollout_is=token, threshold 2, times a PPO ratio of 1 on-policy): a "tis" correction
+  on top squared it. Refused, naming the field and the way to get what it was for."""
+  with pytest.raises(ValueError, match=r"DistillConfig.mismatch='tis' .*is_clip.*twice"):
+    L.DistillConfig(mismatch="tis")
+  with x64():
+    hs, ht, ws, wt = (jnp.asarray(a) for a in rand_hidden(44)[:4])
+    batch = _batch(45)
+    ls = L.chunked_token_stats(hs, ht, ws, wt, batch.targets, chunk_size=3, **stats_kwargs()).student_logp
+    off = np.random.default_rng(46).normal(0, 0.8, (B, T))
+    _, met = L.mopd_distill_loss(hs, ws, ht, wt, batch.replace(old_logp=ls - off), L.DistillConfig(top_k=5))
+  w, m = np.minimum(np.exp(off), 2.0), np.asarray(batch.response_mask * batch.distill_mask[:, None])
+  assert (np.exp(off) > 2.0).any() and (np.exp(off) < 1.0).any()
+  np.testing.assert_allclose(float(met.is_weight), (w * m).sum() / m.sum(), rtol=1e-10)  # once, not squared
 
 
 def test_step_ids_and_step_mean():
@@ -436,6 +453,26 @@ def test_aggregations(mode):
     L.aggregate_loss(jnp.asarray(x), jnp.asarray(m), "nope")
 
 
+def test_seq_mean_token_sum_norm_divides_by_the_constant_only():
+  """verl's agg_loss (the authors' verl/trainer/ppo/core_algos.py): sum over the rows of each
+  row's token sum, divided by loss_scale_factor (None: the padded length), and by nothing that
+  varies with the batch: masking rows out, or adding an empty row, leaves the other rows' terms as
+  they are. Micro-batch shares (denominator = the batch's count) add up to the whole."""
+  rng = np.random.default_rng(43)
+  x = rng.standard_normal((5, 7))
+  m = (np.arange(7)[None] < np.array([7, 2, 0, 5, 3])[:, None]).astype(np.float64)
+  mode = "seq-mean-token-sum-norm"
+  with x64():
+    agg = lambda xs, ms, norm=None, den=None: float(L.aggregate_loss(jnp.asarray(xs), jnp.asarray(ms), mode, norm, den))
+    np.testing.assert_allclose(agg(x, m, 64.0), (x * m).sum() / 64.0, rtol=1e-12)
+    np.testing.assert_allclose(agg(x, m), (x * m).sum() / 7, rtol=1e-12)
+    fewer = m * np.array([1, 0, 0, 1, 1])[:, None]  # two rows fewer: their terms go, nothing else moves
+    np.testing.assert_allclose(agg(x, fewer, 64.0), (x * fewer).sum() / 64.0, rtol=1e-12)
+    assert float(L.agg_denominator(mode, jnp.asarray(m))) == 1.0
+    shares = sum(agg(x[sl], m[sl], 64.0, L.agg_denominator(mode, jnp.asarray(m))) for sl in (slice(0, 2), slice(2, 5)))
+  np.testing.assert_allclose(shares, (x * m).sum() / 64.0, rtol=1e-12)
+
+
 def _row_splits(rows: int, parts: int) -> list[slice]:
   size = rows // parts
   return [slice(i * size, (i + 1) * size) for i in range(parts)]
@@ -452,13 +489,16 @@ def test_aggregation_denominator_override_splits_the_batch_exactly(mode):
     xj, mj = jnp.asarray(x), jnp.asarray(m)
     whole = float(L.aggregate_loss(xj, mj, mode, 5.0))
     den = L.agg_denominator(mode, mj)
-    assert float(den) == (m.sum() if mode == "token-mean" else 5.0)  # row 2 has no token
+    # Tokens; rows with a token (row 2 has none); sum-norm's constant divides the rows, its count is 1.
+    assert float(den) == {"token-mean": m.sum(), "seq-mean-token-sum-norm": 1.0,
+                          "seq-mean-token-mean-all-rows": 6.0}.get(mode, 5.0)
     shares = [float(L.aggregate_loss(xj[sl], mj[sl], mode, 5.0, den)) for sl in _row_splits(6, 3)]
     sums = [float(L.aggregate_loss(xj[sl], mj[sl], mode, 5.0, 1.0)) for sl in _row_splits(6, 3)]
     naive = np.mean([float(L.aggregate_loss(xj[sl], mj[sl], mode, 5.0)) for sl in _row_splits(6, 3)])
   np.testing.assert_allclose(sum(shares), whole, rtol=1e-12)
   np.testing.assert_allclose(sum(sums) / float(den), whole, rtol=1e-12)
-  assert abs(naive - whole) > 1e-3  # per-slice normalisation would be visibly wrong here
+  if mode != "seq-mean-token-mean-all-rows":  # equal slices of a mean over every row: naive is right
+    assert abs(naive - whole) > 1e-3  # per-slice normalisation would be visibly wrong here
 
 
 def test_loss_denominators_split_every_loss_exactly():
@@ -609,9 +649,13 @@ def test_group_advantages():
   np.testing.assert_array_equal(one, 0.0)
 
 
-def np_grpo(logp, old, adv, mask, ref, clip=0.2, coef=0.001):
-  ratio = np.exp(logp - old)
-  pg = np.maximum(-adv[:, None] * ratio, -adv[:, None] * np.clip(ratio, 1 - clip, 1 + clip))
+def np_grpo(logp, old, adv, mask, ref, clip=0.2, coef=0.001, clip_high=None, clip_c=None):
+  """verl's compute_policy_loss_vanilla: PPO clip to [1 - clip, 1 + clip_high], then for A < 0
+  the dual clip caps the loss at -A * clip_c; token-mean; plus coef x k3 KL."""
+  ratio, a = np.exp(logp - old), adv[:, None]
+  pg = np.maximum(-a * ratio, -a * np.clip(ratio, 1 - clip, 1 + (clip if clip_high is None else clip_high)))
+  if clip_c is not None:
+    pg = np.where(a < 0, np.minimum(pg, -a * clip_c), pg)
   k3 = np.exp(ref - logp) - (ref - logp) - 1
   tm = lambda x: (x * mask).sum() / mask.sum()
   return tm(pg) + coef * tm(k3), tm(pg), tm(k3)
@@ -627,10 +671,11 @@ def test_grpo_loss():
   with x64():
     batch = L.GRPOBatch(old_logp=jnp.asarray(old), advantages=jnp.asarray(adv), response_mask=jnp.asarray(mask),
                         ref_logp=jnp.asarray(ref))
-    f = lambda lp: L.grpo_loss(lp, batch)[0]
-    loss, met = L.grpo_loss(jnp.asarray(logp), batch)
+    symmetric = L.GRPOConfig(clip_eps=0.2, clip_high=0.2, clip_c=None)  # plain PPO clip; defaults: next test
+    f = lambda lp: L.grpo_loss(lp, batch, symmetric)[0]
+    loss, met = L.grpo_loss(jnp.asarray(logp), batch, symmetric)
     g = jax.grad(f)(jnp.asarray(logp))
-    no_kl, _ = L.grpo_loss(jnp.asarray(logp), batch.replace(ref_logp=None))
+    no_kl, _ = L.grpo_loss(jnp.asarray(logp), batch.replace(ref_logp=None), symmetric)
     assert L.BASELINE_LOSSES["grpo"] is L.grpo_loss
   total, pg, kl = np_grpo(logp, old, adv, mask, ref)
   np.testing.assert_allclose([float(loss), float(met.pg_loss), float(met.kl)], [total, pg, kl], rtol=1e-12)
@@ -642,6 +687,63 @@ def test_grpo_loss():
   # Clipped tokens carry no policy-gradient signal; others -A * ratio (+ the k3 term).
   ref_g = np.where(clipped, 0.0, -adv[:, None] * ratio) + 0.001 * (1 - np.exp(ref - logp))
   np.testing.assert_allclose(g, ref_g * mask / mask.sum(), atol=1e-12)
+
+
+def test_grpo_asymmetric_and_dual_clip_match_numpy():
+  """The authors' GRPO baseline clips as verl's compute_policy_loss_vanilla with clip_ratio_low
+  0.2 (verl/trainer/config/actor/actor.yaml), clip_ratio_high 0.28 (verl/trainer/config/user.yaml)
+  and dual-clip clip_ratio_c 3 (actor.yaml): GRPOConfig's defaults. One token per branch."""
+  cfg = L.GRPOConfig()
+  assert (cfg.clip_eps, cfg.clip_high, cfg.clip_c) == (0.2, 0.28, 3.0)
+  ratios = np.array([[0.5, 1.1, 1.25, 1.5],  # A = +1: below 1 - low (no clip for A > 0), inside, inside
+                     [0.5, 0.9, 2.0, 5.0]])  # 1 + high (0.2 would clip it), above 1 + high; A = -1: below
+  adv = np.array([1.0, -1.0])  # 1 - low, inside, above 1 + high under c (unclipped), above c (dual clip)
+  old = np.random.default_rng(47).normal(-2.0, 0.5, (2, 4))
+  logp, mask = old + np.log(ratios), np.ones((2, 4))
+  per_token = np.array([[-0.5, -1.1, -1.25, -1.28], [0.8, 0.9, 2.0, 3.0]])
+  grad = np.array([[-0.5, -1.1, -1.25, 0.0], [0.0, 0.9, 2.0, 0.0]]) / 8  # d loss / d logp (token-mean)
+  with x64():
+    batch = L.GRPOBatch(old_logp=jnp.asarray(old), advantages=jnp.asarray(adv), response_mask=jnp.asarray(mask))
+    loss, met = L.grpo_loss(jnp.asarray(logp), batch, cfg)
+    g = jax.grad(lambda lp: L.grpo_loss(lp, batch, cfg)[0])(jnp.asarray(logp))
+    sym = float(L.grpo_loss(jnp.asarray(logp), batch, L.GRPOConfig(clip_high=0.2))[0])
+    no_dual = float(L.grpo_loss(jnp.asarray(logp), batch, L.GRPOConfig(clip_c=None))[0])
+  np.testing.assert_allclose(float(loss), per_token.mean(), rtol=1e-12)
+  np.testing.assert_allclose(float(loss), np_grpo(logp, old, adv, mask, old, clip_high=0.28, clip_c=3.0)[1], rtol=1e-12)
+  np.testing.assert_allclose(g, grad, atol=1e-12)
+  np.testing.assert_allclose(sym, (per_token.sum() + 0.05 + 0.08) / 8, rtol=1e-12)  # 1.25, 1.5 clipped at 1.2
+  np.testing.assert_allclose(no_dual, (per_token.sum() - 3.0 + 5.0) / 8, rtol=1e-12)  # 5 no longer capped at 3
+  assert float(met.clip_frac) == 2 / 8 and float(met.dual_clip_frac) == 1 / 8
+
+  rng = np.random.default_rng(48)  # and random tokens, values and gradients, KL on
+  logp = rng.normal(-2, 1, (6, 9))
+  old = logp + rng.normal(0, 0.9, (6, 9))
+  ref = logp + rng.normal(0, 0.3, (6, 9))
+  adv, mask = rng.normal(0, 1, 6), (rng.random((6, 9)) < 0.8).astype(np.float64)
+  ratio = np.exp(logp - old)
+  assert ((adv[:, None] < 0) & (ratio > 3) & (mask > 0)).any()  # the dual clip binds somewhere
+  with x64():
+    batch = L.GRPOBatch(old_logp=jnp.asarray(old), advantages=jnp.asarray(adv), response_mask=jnp.asarray(mask),
+                        ref_logp=jnp.asarray(ref))
+    f = lambda lp: L.grpo_loss(lp, batch, cfg)[0]
+    loss, g = float(f(jnp.asarray(logp))), jax.grad(f)(jnp.asarray(logp))
+  np.testing.assert_allclose(loss, np_grpo(logp, old, adv, mask, ref, clip_high=0.28, clip_c=3.0)[0], rtol=1e-12)
+  eps = 1e-6
+  for i, j in [(r, c) for r in range(6) for c in range(9) if mask[r, c] > 0][::5]:
+    d = np.zeros_like(logp)
+    d[i, j] = eps
+    fd = (np_grpo(logp + d, old, adv, mask, ref, clip_high=0.28, clip_c=3.0)[0]
+          - np_grpo(logp - d, old, adv, mask, ref, clip_high=0.28, clip_c=3.0)[0]) / (2 * eps)
+    np.testing.assert_allclose(float(g[i, j]), fd, atol=1e-7)
+
+
+def test_grpo_config_validation():
+  for kw, field in [({"clip_eps": 0.0}, "clip_eps"), ({"clip_high": -0.1}, "clip_high"), ({"clip_c": 1.0}, "clip_c"),
+                    ({"clip_c": 0.5}, "clip_c")]:
+    with pytest.raises(ValueError, match=rf"GRPOConfig.{field} must be"):
+      L.GRPOConfig(**kw)
+  assert L.GRPOConfig(clip_c=None).clip_c is None  # dual clip off
+  hash(L.GRPOConfig())
 
 
 def test_build_preference_pairs():

@@ -254,9 +254,9 @@ def test_extract_summary():
     ("all", "Summaries of other attempts:", {1, 2, 4, 5}),
 ])
 def test_summaries(source, label, pool):
-  config = PeerConfig(use_summaries=True, summaries_k=2, summaries_from=source)
+  config = PeerConfig(use_summaries=True, summaries_k=2, summaries_from=source, summaries_replace_solutions=True)
   c = contexts(summary_group(), config)[0]
-  assert c.kinds == (SUMMARIES,)  # summaries replace full solutions
+  assert c.kinds == (SUMMARIES,)  # summaries replace full solutions (an option; not the default)
   s = c.section(SUMMARIES)
   idx = [p.index for p in s.peers]
   assert s.label == label and set(idx) <= pool and len(idx) == min(2, len(pool))
@@ -272,7 +272,81 @@ def test_summaries(source, label, pool):
 
 def test_summaries_alongside_solutions_in_layout_order():
   config = PeerConfig(use_summaries=True, summaries_replace_solutions=False, summaries_k=1)
-  assert contexts(summary_group(), config)[2].kinds == (PRIMARY, SUMMARIES, ANOTHER, FAILURE)
+  c = contexts(summary_group(), config)[2]
+  assert c.kinds == (PRIMARY, SUMMARIES, ANOTHER, FAILURE)
+  # The primary is shown in full, so it is not summarised again: 1 is the only other success with a summary.
+  assert c.peer_index(PRIMARY) == 0 and [p.index for p in c.section(SUMMARIES).peers] == [1]
+
+
+def test_summaries_defaults_follow_the_authors():
+  c = PeerConfig()
+  assert c.summaries_from == "successes" and not c.summaries_replace_solutions
+  assert c.summary_instruction_to_teacher
+  assert c.labels.summary_instruction == (
+      "After your answer, briefly summarize your key approach in one sentence inside <summary> tags, "
+      "e.g. <summary>...</summary>.")
+  preset = get_preset("summaries")
+  assert preset.use_summaries and preset.include_primary
+  assert not (preset.include_another or preset.include_failure)
+
+
+def tagged_group(pattern: str) -> Group:
+  """Every response ends with a summary, as the summary instruction asks."""
+  responses = tuple(f"r{j} answer <summary>idea {j}</summary>" for j in range(len(pattern)))
+  return Group(prompt(), responses, tuple(ok() if ch == "s" else bad("Wrong.") for ch in pattern))
+
+
+def test_summaries_variant_keeps_the_primary_and_summarises_the_other_successes():
+  group = tagged_group("sfsss")  # S = {0, 2, 3, 4}
+  for c in contexts(group, get_preset("summaries", summaries_k=8)):
+    others = [j for j in group.successes if j != c.rollout]
+    primary, rest = others[0], others[1:]
+    assert c.distill_mask == 1.0 and c.kinds == (PRIMARY, SUMMARIES)
+    assert c.peer_index(PRIMARY) == primary
+    assert [p.index for p in c.section(SUMMARIES).peers] == rest  # never self, never the primary
+    assert user_text(c) == "\n\n".join([
+        "What is 2+2?", f"Correct solution:\nr{primary} answer <summary>idea {primary}</summary>",
+        "Summaries of successful solutions:\n" + "\n".join(f"- idea {j}" for j in rest),
+        "Correctly solve the original question."])
+
+
+def test_summaries_k_bounds_the_summaries():
+  for c in contexts(tagged_group("sssss"), get_preset("summaries", summaries_k=2)):
+    idx = [p.index for p in c.section(SUMMARIES).peers]
+    assert len(idx) == 2 and c.rollout not in idx and c.peer_index(PRIMARY) not in idx
+
+
+def test_student_prompt_carries_the_summary_instruction_only_with_summaries():
+  instruction = PeerLabels().summary_instruction
+  assert peers.student_prompt(prompt(), PeerConfig()) == prompt()
+  instructed = peers.student_prompt(prompt(), get_preset("summaries"))
+  assert instructed == (SYSTEM, Message("user", "What is 2+2?\n\n" + instruction))
+  quiet = get_preset("summaries", labels={"summary_instruction": ""})  # the task's prompt already asks
+  assert peers.student_prompt(prompt(), quiet) == prompt()
+
+
+@pytest.mark.parametrize("to_teacher", [True, False])
+def test_teacher_reads_the_problem_with_or_without_the_summary_instruction(to_teacher):
+  config = get_preset("summaries", summary_instruction_to_teacher=to_teacher)
+  student = peers.student_prompt(prompt(), config)
+  group = Group(student, tagged_group("fss").responses, tagged_group("fss").verdicts)
+  c = contexts(group, config)[0]
+  problem = student[-1].content if to_teacher else "What is 2+2?"
+  assert user_text(c).startswith(problem + "\n\nCorrect solution:\nr1 answer")
+  assert c.messages[0] == SYSTEM
+
+
+def test_all_empty_contexts_are_flagged():
+  # The summaries-only reading with responses that carry no summary: nothing to add anywhere.
+  config = PeerConfig(use_summaries=True, summaries_replace_solutions=True, include_feedback=False)
+  out = build_teacher_contexts([make_group("sfsf"), make_group("ssf", text="x")], config)
+  assert all(c.distill_mask == 0.0 for row in out for c in row)
+  assert peers.context_stats(out)["peers/all_masked_step"] == 1.0
+  warnings = peers.context_warnings(out, ["r0 answer"] * 7, config)
+  assert any("all 7 teacher contexts" in w for w in warnings)
+  assert any("none of the 7 responses" in w and "<summary>" in w for w in warnings)
+  assert peers.context_stats(build_teacher_contexts([MIXED]))["peers/all_masked_step"] == 0.0
+  assert peers.context_warnings(build_teacher_contexts([MIXED]), MIXED.responses, PeerConfig()) == []
 
 
 # ------------------------------------------------------------------------ controls

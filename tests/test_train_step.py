@@ -185,6 +185,10 @@ MICRO_METHODS = {
     # The mismatch mask's token count depends on the student's log-probs: known after the scan only.
     "mopd_ema_seq_mean_mismatch_mask": StepConfig(
         group_size=G, teacher_rate=0.25, distill=losses.DistillConfig(loss_agg="seq-mean-token-mean", mismatch="mask")),
+    # A constant divides the rows' token sums (verl's agg_loss): the accumulated count is 1.
+    "mopd_ema_seq_sum_norm": StepConfig(
+        group_size=G, teacher_rate=0.25,
+        distill=losses.DistillConfig(loss_agg="seq-mean-token-sum-norm", agg_norm=24.0)),
     "grpo_kl": StepConfig(loss="grpo", group_size=G, grpo_use_kl=True),
     "dpo": StepConfig(loss="dpo", group_size=G, max_pairs_per_group=2),
 }

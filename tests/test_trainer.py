@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import types
 
 import jax
 import numpy as np
@@ -12,7 +13,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import default as default_config  # noqa: E402
-from mopd_jax import config_lib, trainer  # noqa: E402
+from mopd_jax import config_lib, peers, sampling, trainer  # noqa: E402
+from mopd_jax.logging_lib import MetricsLogger  # noqa: E402
+from mopd_jax.types import Verdict  # noqa: E402
 
 
 def tiny(method="mopd", **overrides):
@@ -59,6 +62,13 @@ def test_prompts_per_step_is_per_optimizer_step_for_the_whole_run():
     ({"model.attention_impl": "cudnn"}, r"config.model.attention_impl: 'cudnn' needs an NVIDIA GPU backend"),
     ({"model.attention_impl": "cudnn", "model.dtype": "float32"}, r"config.model.attention_impl: 'cudnn' needs"),
     ({"method": "plain_opd"}, r"config.teacher.mode: method 'plain_opd' needs teacher.mode='external'"),
+    ({"loss.mismatch": "tis"}, r"config.loss.mismatch: 'tis' .*loss.is_clip.*twice"),
+    ({"loss.mismatch": "clip"}, r"config.loss.mismatch: unknown 'clip'; known: '' \(off\), 'mask'"),
+    ({"loss.agg_norm": -1.0}, r"config.loss.agg_norm: must be > 0"),
+    ({"loss.grpo_clip": 0.0}, r"config.loss.grpo_clip: must be > 0"),
+    ({"loss.grpo_clip_high": -0.1}, r"config.loss.grpo_clip_high: must be > 0"),
+    ({"loss.grpo_clip_c": 1.0}, r"config.loss.grpo_clip_c: must be > 1 \(dual clip\) or 0 / None \(off\)"),
+    ({"optim.preference_lr": 0.0}, r"config.optim.preference_lr: must be > 0"),
 ])
 def test_bad_config_fails_before_any_compute(overrides, message):
   c = tiny()
@@ -71,6 +81,43 @@ def test_bad_config_fails_before_any_compute(overrides, message):
       node[leaf] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c, num_devices=8)
+
+
+def test_grpo_clip_and_aggregation_options_reach_the_losses():
+  """The authors' GRPO baseline clips at 0.2 / 0.28 with dual clip 3 (verl user.yaml, actor.yaml);
+  grpo_clip_c 0 or None turns the dual clip off. seq-mean-token-sum-norm divides by a constant:
+  by default the longest response (verl: loss_mask.shape[-1], the padded max_response_length),
+  not this step's response bucket."""
+  c = tiny("grpo")
+  g = trainer.step_config(c).grpo
+  assert (g.clip_eps, g.clip_high, g.clip_c, g.kl_coef) == (0.2, 0.28, 3.0, 0.001)
+  for off in (0.0, None):
+    with c.unlocked():
+      c.loss.grpo_clip_c = off
+    config_lib.validate(c, num_devices=8)
+    assert trainer.step_config(c).grpo.clip_c is None
+  with c.unlocked():
+    c.loss.loss_agg = "seq-mean-token-sum-norm"
+  step = trainer.step_config(c)
+  assert step.distill.agg_norm == step.grpo.agg_norm == c.sampling.max_new_tokens
+  with c.unlocked():
+    c.loss.agg_norm = 4096.0
+  step = trainer.step_config(c)
+  assert step.distill.agg_norm == step.grpo.agg_norm == 4096.0
+
+
+def test_preference_methods_train_at_their_own_learning_rate():
+  """DPO and SimPO ran at lr 1e-6 (the authors' dpo.yaml / simpo.yaml, run_local_dpo.sh /
+  run_local_simpo.sh), every other method at optim.lr: optim.preference_lr is theirs."""
+  for method, lr in [("dpo", 1e-6), ("simpo", 1e-6), ("mopd", 1e-3), ("grpo", 1e-3), ("verified_sft", 1e-3)]:
+    c = tiny(method)
+    assert c.optim.lr == 1e-3 and c.optim.preference_lr == 1e-6  # tiny sets optim.lr only
+    assert config_lib.learning_rate(c) == lr
+    _, schedule = trainer.optimizer_from_config(c)
+    np.testing.assert_allclose([float(schedule(0)), float(schedule(2))], lr, rtol=1e-6, err_msg=method)
+  c = tiny("dpo", **{"optim.preference_lr": 5e-7, "optim.warmup_steps": 4})
+  _, schedule = trainer.optimizer_from_config(c)
+  np.testing.assert_allclose([float(schedule(2)), float(schedule(10))], [2.5e-7, 5e-7], rtol=1e-6)
 
 
 def test_peer_label_overrides_reach_the_peer_config():
@@ -236,3 +283,127 @@ def test_paper_configs_validate_given_data_and_fail_clearly_without(name, tmp_pa
     config_lib.validate(c, num_devices=64, platform="gpu")  # a GPU run must choose its attention
   with pytest.raises(ValueError, match="unknown target 'v9-1'"):
     module.get_config("target=v9-1")
+
+
+# ----------------------------------------------------------------- summaries variant, empty steps
+# The trainer's own path (run_one_step) with scripted responses: the sampler returns fixed texts and
+# a verifier marks "ok..." successes, so the peer contexts are known while the rest is real.
+
+def _instruction() -> str:
+  return peers.PeerLabels().summary_instruction
+
+
+@pytest.fixture(scope="module")
+def scripted_run(tmp_path_factory):
+  c = tiny(**{"mopd.preset": "summaries", "data.prompt_buckets": (128,),  # the instruction lengthens prompts
+              "logging.dir": str(tmp_path_factory.mktemp("scripted_run"))})
+  run = trainer.setup(c)
+  yield run
+  run.logger.close()
+
+
+class _ByPrefix:
+  def verify(self, examples, texts, deadline_s=None):
+    return [Verdict(1.0, True) if t.startswith("ok") else Verdict(0.0, False, feedback="Wrong.") for t in texts]
+
+
+def _script(monkeypatch, run, texts, tmp_path):
+  """Samples `texts` (cycled) for every prompt; returns the decoded prompts the sampler was given."""
+  seen = []
+
+  def sample(model, prompts, *, num_samples, rng, sampling_params, mesh=None, decode_fn=None, prompt_ids=None):
+    seen.extend(run.tokenizer.decode(p) for p in prompts)
+    rows = [texts[r % len(texts)] for r in range(len(prompts) * num_samples)]
+    ids = [run.tokenizer.encode(t) for t in rows]
+    n = sampling_params.max_new_tokens
+    assert max(map(len, ids)) <= n, "scripted response longer than max_new_tokens"
+    tokens = np.array([i + [run.tokenizer.pad_id] * (n - len(i)) for i in ids], np.int32)
+    return types.SimpleNamespace(
+        num_rows=len(rows), tokens=tokens, lengths=np.array([len(i) for i in ids]), texts=tuple(rows),
+        scaled_logprobs=np.full(tokens.shape, -1.0, np.float32),
+        finish_reasons=(sampling.FinishReason.STOP,) * len(rows))
+
+  monkeypatch.setattr(trainer.sampling_lib, "sample", sample)
+  monkeypatch.setattr(run, "verifier_pool", _ByPrefix())
+  monkeypatch.setattr(run, "logger", MetricsLogger(str(tmp_path), progress=False))
+  return seen
+
+
+def _peers(run, preset, **options):
+  """A peer preset with the run's own overrides (teacher prompt limit, closing line)."""
+  return peers.get_preset(preset, **{**dict(run.config.mopd.overrides), **options})
+
+
+def _capture_contexts(monkeypatch):
+  captured = []
+  real = trainer.teacher_rows
+
+  def teacher_rows(*args):
+    contexts, prompts = real(*args)
+    captured.append(contexts)
+    return contexts, prompts
+
+  monkeypatch.setattr(trainer, "teacher_rows", teacher_rows)
+  return captured
+
+
+@pytest.mark.slow  # ~20 s: sets up a tiny run and compiles its train step once
+def test_summaries_variant_through_the_trainer_distils_on_primary_plus_summaries(scripted_run, monkeypatch,
+                                                                                  tmp_path, capsys):
+  run = scripted_run
+  texts = ["ok <summary>add</summary>", "no <summary>guess</summary>", "ok <summary>count</summary>",
+           "ok <summary>carry</summary>"]  # S = {0, 2, 3}
+  seen = _script(monkeypatch, run, texts, tmp_path)
+  captured = _capture_contexts(monkeypatch)
+  examples, _ = trainer.next_prompts(run)
+  record = trainer.run_one_step(run)
+  problems = [e.prompt[-1].content + "\n\n" + _instruction() for e in examples]
+  assert len(seen) == len(examples) and all(p in s for p, s in zip(problems, seen))  # sampled under it
+  expected = {0: (2, [3]), 1: (0, [2, 3]), 2: (0, [3]), 3: (0, [2])}  # rollout -> (primary, summarised)
+  for problem, row in zip(problems, captured[-1]):
+    for c in row:
+      primary, summarised = expected[c.rollout]
+      assert c.distill_mask == 1.0 and c.kinds == (peers.PRIMARY, peers.SUMMARIES)
+      assert [p.index for p in c.section(peers.SUMMARIES).peers] == summarised
+      # The teacher reads the problem as the student did (instruction included), then the peers.
+      assert c.messages[-1].content == "\n\n".join([
+          problem, "Correct solution:\n" + texts[primary],
+          "Summaries of successful solutions:\n" + "\n".join(f"- {peers.extract_summary(texts[j])}"
+                                                              for j in summarised),
+          run.peer_config.labels.closing])
+  assert record["peers/masked_frac"] == 0.0 and record["peers/all_masked_step"] == 0.0
+  assert record["peers/summary_tag_frac"] == 1.0
+  assert np.isfinite(record["loss"]) and record["update_applied"] == 1.0
+  assert "WARNING" not in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~20 s: sets up a tiny run and compiles its train step once
+def test_student_prompt_carries_the_instruction_only_with_summaries(scripted_run, monkeypatch, tmp_path):
+  run = scripted_run
+  seen = _script(monkeypatch, run, ["ok <summary>add</summary>", "no"], tmp_path)
+  monkeypatch.setattr(run, "peer_config", _peers(run, "sdpo"))
+  trainer.run_one_step(run)
+  assert seen and not any(_instruction() in p for p in seen)
+  seen.clear()
+  monkeypatch.setattr(run, "peer_config", _peers(run, "summaries"))
+  trainer.run_one_step(run)
+  assert seen and all(_instruction() in p for p in seen)
+  seen.clear()
+  trainer.evaluate(run, run.eval_examples[:2], jax.random.key(0))
+  assert seen and not any(_instruction() in p for p in seen)  # evaluation samples the task's own prompt
+
+
+@pytest.mark.slow  # ~20 s: sets up a tiny run and compiles its train step once
+def test_a_step_with_every_context_empty_warns_and_sets_the_metric(scripted_run, monkeypatch, tmp_path, capsys):
+  run = scripted_run
+  _script(monkeypatch, run, ["ok 4", "no 5"], tmp_path)  # nobody writes a <summary>
+  # The summaries-only reading: no summaries -> no section for anyone.
+  monkeypatch.setattr(run, "peer_config", _peers(
+      run, "summaries", summaries_replace_solutions=True, include_feedback=False))
+  step = run.position.step
+  record = trainer.run_one_step(run)
+  assert record["peers/all_masked_step"] == 1.0 and record["peers/masked_frac"] == 1.0
+  assert record["peers/summary_tag_frac"] == 0.0
+  err = capsys.readouterr().err
+  assert f"WARNING: step {step}: all 8 teacher contexts are empty" in err
+  assert f"WARNING: step {step}: summaries variant: none of the 8 responses" in err

@@ -145,6 +145,16 @@ def verify_one(example: Example, completion: str) -> Verdict:
                            error=type(e).__name__)
 
 
+def apply_success_threshold(verdict: Verdict, threshold: float) -> Verdict:
+  """`verdict` with success = reward >= threshold: graded rewards in [0, 1] (the code verifier's
+  fraction of unit tests passed, reasoning-gym's partial scores) then count as successes from
+  `threshold` on. threshold >= 1 keeps the verifier's own success, which every built-in verifier
+  sets exactly when the reward is 1 (the authors' equivalent: `success_reward_threshold`)."""
+  if threshold >= 1.0:
+    return verdict
+  return dataclasses.replace(verdict, success=verdict.reward >= threshold)
+
+
 # ------------------------------------------------------------------------ worker pool
 
 

@@ -10,8 +10,9 @@ Three styles (`CodeTests.style`):
   "stdio"  `stdio` = ((stdin, expected_stdout), ...); one fresh process per test,
            output compared exactly or whitespace-normalised.
 
-Reward = fraction of tests passed; success iff all pass; feedback names the first
-failing test (input, expected, actual, or the error), clipped to ~1000 chars.
+Reward = fraction of tests passed; success iff all pass (training may count partial passes:
+`verifier.success_threshold`); feedback names the first failing test (input, expected, actual,
+or the error), clipped to ~1000 chars.
 
 Why a pass cannot be forged: nothing the program prints is trusted. In the
 functional styles the program only ever serves calls to its entry point (see
