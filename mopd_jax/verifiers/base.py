@@ -6,7 +6,10 @@ registered by name; `Example.verifier` names the one that understands its `refer
 `verify_batch` runs verifications in worker processes with a per-item deadline. It never
 raises into the caller: an unknown verifier, an exception, a crashed worker or a timeout all
 become a failure verdict (reward 0) whose feedback names what went wrong. A worker that runs
-past its deadline is killed and replaced, so the items after it still run.
+past its deadline is killed and replaced, so the items after it still run. Killing a worker
+ends what it started too: SIGTERM first, on which the verification unwinds and cleans up (a
+sandbox run kills its process tree and removes its temp dir), then SIGKILL and a sweep
+(`sandbox.end_runs_of`) for a worker that did not finish in time or died on its own.
 
 Workers are started with the 'forkserver' method (never 'fork': the trainer process holds
 JAX's threads) and run each verification in their main thread, so verifiers may use
@@ -22,6 +25,7 @@ import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import sys
 import threading
 import time
@@ -29,6 +33,7 @@ import warnings
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from mopd_jax.types import Example, Verdict, failure_verdict
+from mopd_jax.verifiers import sandbox
 
 DEFAULT_DEADLINE_S = 30.0
 
@@ -126,6 +131,16 @@ def _verifier_module(name: str) -> str | None:
   return None if module in ("__main__", "__mp_main__") else module
 
 
+# ---------------------------------------------------------------------------- feedback
+
+FEEDBACK_CHARS = 1000  # feedback quotes untrusted text (answers, values): keep it this short
+
+
+def clip(text: str, n: int = FEEDBACK_CHARS) -> str:
+  """`text` cut to `n` chars, saying how many were left out."""
+  return text if len(text) <= n else f"{text[:n]}... [{len(text) - n} more chars]"
+
+
 # ------------------------------------------------------------------ one verification
 
 
@@ -173,9 +188,27 @@ def mp_context() -> multiprocessing.context.BaseContext:
   return ctx
 
 
+class _Abort(BaseException):
+  """Raised in a worker when its pool ends it (SIGTERM). A BaseException, which verifiers do
+  not catch: it unwinds the verification, running its cleanup on the way out."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup must run uninterrupted
+  raise _Abort()
+
+
 def _worker_main(conn: multiprocessing.connection.Connection) -> None:
   """Worker loop. Messages in: ("import", module) | ("verify", index, example, completion)
   | None (exit). Messages out: ("ready",) | ("imported", module, error) | ("verdict", ...)."""
+  signal.signal(signal.SIGTERM, _on_sigterm)
+  try:
+    _serve(conn)
+  except _Abort:
+    pass
+
+
+def _serve(conn: multiprocessing.connection.Connection) -> None:
   conn.send(("ready",))
   while True:
     try:
@@ -212,14 +245,25 @@ class _Worker:
   imported: set[str] = dataclasses.field(default_factory=set)
 
 
-def _kill(worker: _Worker) -> None:
+def _kill(worker: _Worker, grace_s: float = 0.0) -> None:
+  """Ends a worker and what it started (see the module docstring)."""
   try:
     worker.conn.close()
   except OSError:
     pass
-  if worker.process.is_alive():
-    worker.process.kill()
-  worker.process.join(timeout=5.0)
+  process = worker.process
+  if process.is_alive() and grace_s > 0:
+    process.terminate()
+    process.join(timeout=grace_s)
+  if process.is_alive():
+    try:
+      os.kill(process.pid, signal.SIGSTOP)  # starts no new run while its runs are swept
+    except OSError:
+      pass
+    sandbox.end_runs_of(process.pid)
+    process.kill()
+  process.join(timeout=5.0)
+  sandbox.end_runs_of(process.pid)  # runs of a worker that died mid-run; their temp dirs
 
 
 class VerifierPool:
@@ -236,6 +280,8 @@ class VerifierPool:
   setup_timeout_s: float = 120.0
   # Give up after this many failed worker starts in a row, or preparations for one item.
   max_setup_failures: int = 3
+  # A worker ended mid-item has this long to clean up after itself before SIGKILL.
+  abort_grace_s: float = 5.0
 
   def __init__(self, num_workers: int | None = None):
     self.num_workers = max(1, num_workers or _default_num_workers())
@@ -253,7 +299,7 @@ class VerifierPool:
     return _Worker(process=process, conn=parent_conn)
 
   def _replace(self, worker: _Worker) -> None:
-    _kill(worker)
+    _kill(worker, self.abort_grace_s)
     self._workers[self._workers.index(worker)] = self._start_worker()
 
   def verify(self, examples: Sequence[Example], completions: Sequence[str], *,
@@ -284,7 +330,7 @@ class VerifierPool:
           pass
       for worker in self._workers:
         worker.process.join(timeout=1.0)
-        _kill(worker)
+        _kill(worker, self.abort_grace_s)
       self._workers = []
 
   def __enter__(self) -> VerifierPool:

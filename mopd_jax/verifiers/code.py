@@ -41,13 +41,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 from mopd_jax.types import Example, Verdict, failure_verdict
 from mopd_jax.verifiers import sandbox
+from mopd_jax.verifiers.base import FEEDBACK_CHARS, clip as _clip
 
 _log = logging.getLogger(__name__)
 _warned_weak = [False]
 
 STYLES = ("check", "call", "stdio")
 COMPARE_MODES = ("exact", "whitespace")
-FEEDBACK_CHARS = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,14 +128,35 @@ def default_hide_paths() -> tuple[str, ...]:
 # ---------------------------------------------------------------------------
 # Completion -> program.
 
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_LANG = re.compile(r"[ \t]*([A-Za-z0-9_+.-]*)")
 _PY_LANGS = ("python", "py", "python3")
+
+
+def _fenced_blocks(text: str) -> list[tuple[str, str]]:
+  """(language, body) of each ``` block, left to right; an unterminated block runs to the end.
+
+  A scan with str.find, not a regex: completions are untrusted, and the regex this replaces
+  rescanned the rest of the opening line from every backtick (9 s on 128k backticks).
+  Each search starts past the previous one's end, so the scan is linear.
+  """
+  blocks = []
+  i = 0
+  while (start := text.find("```", i)) >= 0:
+    newline = text.find("\n", start + 3)
+    if newline < 0:  # no opening line ends: no block starts here or later
+      break
+    lang = _LANG.match(text, start + 3, newline).group(1)
+    end = text.find("```", newline + 1)
+    end = len(text) if end < 0 else end
+    blocks.append((lang.lower(), text[newline + 1:end]))
+    i = end + 3
+  return blocks
 
 
 def extract_code(completion: str) -> str:
   """The last ```python block (an unterminated one runs to the end), else the last
   bare ``` block, else the raw text."""
-  blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(completion)]
+  blocks = _fenced_blocks(completion)
   for wanted in (lambda lang: lang in _PY_LANGS, lambda lang: lang == ""):
     bodies = [body for lang, body in blocks if wanted(lang)]
     if bodies:
@@ -158,9 +179,12 @@ def values_equal(got: Any, expected: Any, tol: float = 1e-9) -> bool:
   numbers = (int, float)
   if type(got) in numbers and type(expected) in numbers:
     if isinstance(got, float) or isinstance(expected, float):
-      if math.isnan(got) or math.isnan(expected):
-        return math.isnan(got) and math.isnan(expected)
-      return math.isclose(got, expected, rel_tol=tol, abs_tol=tol)
+      try:
+        if math.isnan(got) or math.isnan(expected):
+          return math.isnan(got) and math.isnan(expected)
+        return math.isclose(got, expected, rel_tol=tol, abs_tol=tol)
+      except OverflowError:  # an int past the float range is close to no float
+        return False
     return got == expected
   seqs = (list, tuple)
   if type(got) in seqs and type(expected) in seqs:
@@ -179,10 +203,6 @@ def _normalize(text: str, mode: str) -> str:
   if mode == "exact":
     return text
   return "\n".join(" ".join(line.split()) for line in text.strip().splitlines())
-
-
-def _clip(text: str, n: int) -> str:
-  return text if len(text) <= n else f"{text[:n]}... [{len(text) - n} more chars]"
 
 
 def _clip_tail(text: str, n: int) -> str:
@@ -259,6 +279,8 @@ def _judge_functional(tests: CodeTests, i: int, ev: Mapping[str, Any] | None,
                       res: sandbox.SandboxResult) -> tuple[bool, str]:
   label = f"Test {i + 1}/{tests.num_tests}"
   if ev is None:
+    if res.limit_exceeded:
+      return False, f"{label}: not run: {res.limit_exceeded}."
     if res.timed_out:
       return False, f"{label}: timed out (limit {tests.timeout_s:g} s)."
     if res.output_truncated:
@@ -269,24 +291,25 @@ def _judge_functional(tests: CodeTests, i: int, ev: Mapping[str, Any] | None,
       return True, ""
     return False, f"{label} failed: {ev.get('error', '')}"
   args, expected = tests.calls[i]
-  call = _clip(f"{tests.entry_point}({', '.join(repr(a) for a in args)})", 300)
-  reply = ev.get("reply") or {}
+  # short_repr: values may be huge, and repr() refuses ints past 4300 digits.
+  call = _clip(f"{tests.entry_point}({', '.join(sandbox.short_repr(a) for a in args)})", 300)
+  reply = sandbox.relayed_reply(ev)
   if "ok" in reply:
-    try:
-      got = sandbox.decode_value(reply["ok"])
-    except (ValueError, RecursionError) as e:
-      return False, f"{label}: {call} returned an invalid value ({e})."
-    if values_equal(got, expected, tests.float_tol):
+    if values_equal(reply["ok"], expected, tests.float_tol):
       return True, ""
-    return False, (f"{label} failed: {call}\n  expected: {_clip(repr(expected), 300)}"
-                   f"\n  got: {_clip(repr(got), 300)}")
+    return False, (f"{label} failed: {call}\n  expected: {sandbox.short_repr(expected)}"
+                   f"\n  got: {sandbox.short_repr(reply['ok'])}")
+  if "invalid" in reply:
+    return False, f"{label}: {call} returned an invalid value ({reply['invalid']})."
   if "raised" in reply:
-    return False, f"{label}: {call} raised {reply['raised']}: {_clip(str(reply.get('msg', '')), 300)}"
+    return False, f"{label}: {call} raised {reply['raised']}: {_clip(reply['msg'], 300)}"
+  if reply.get("error"):  # e.g. a reply over max_frame_bytes
+    return False, f"{label}: {call} got no answer: {reply['error']}."
   return False, f"{label}: the program exited, crashed or timed out during {call}."
 
 
 def _stderr_hint(res: sandbox.SandboxResult) -> str:
-  hint = ""
+  hint = "\nThe run exceeded its memory limit (a process was killed)." if res.oom_killed else ""
   if res.stderr.strip():
     hint += f"\nStderr:\n{_clip_tail(res.stderr.strip(), 300)}"
   return hint
@@ -325,7 +348,8 @@ def _judge_stdio(tests: CodeTests, i: int, stdin: str, expected: str,
   if res.output_truncated:
     return f"{label}: the program printed more than the output limit.{shown_in}"
   if res.exit_code != 0:
-    return (f"{label}: runtime error (exit status {res.exit_code}).{shown_in}"
+    oom = ", memory limit exceeded" if res.oom_killed else ""
+    return (f"{label}: runtime error (exit status {res.exit_code}{oom}).{shown_in}"
             f"\nStderr:\n{_clip_tail(res.stderr.strip(), 400)}")
   if _normalize(res.stdout, tests.compare) == _normalize(expected, tests.compare):
     return ""

@@ -20,10 +20,12 @@ the deadline, so adversarial answers such as `5^{5^{5^{5^5}}}` fail in bounded t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -158,10 +160,32 @@ def _numbers_agree(gold: Any, pred: Any, rel_tol: float) -> bool:
   return bool(abs(g - p) <= sympy.Float(rel_tol, 30) * scale)
 
 
+# Python refuses int<->str conversions past 4300 digits, and math-verify then keeps such a
+# literal as a plain string: a correct 10**5000 written out failed against "10^{5000}". Raised
+# during a check only, and bounded: the conversion is quadratic C code that the deadline
+# cannot interrupt (~0.05 s at 100k digits). Process-wide while it lasts (other threads too).
+MAX_INT_DIGITS = 100_000
+
+
+@contextlib.contextmanager
+def _int_digits(limit: int):
+  old = sys.get_int_max_str_digits()
+  sys.set_int_max_str_digits(0 if old == 0 else max(old, limit))  # 0 means unlimited
+  try:
+    yield
+  finally:
+    sys.set_int_max_str_digits(old)
+
+
 def check_equivalent(gold: str, pred: str, *, rel_tol: float = 1e-4) -> tuple[bool, str]:
   """(equivalent, note). No deadline here: call through `equivalent()`."""
   if gold.strip() == pred.strip():
     return True, "identical"
+  with _int_digits(MAX_INT_DIGITS):
+    return _check_parsed(gold, pred, rel_tol)
+
+
+def _check_parsed(gold: str, pred: str, rel_tol: float) -> tuple[bool, str]:
   gold_parsed = math_verify.parse(_as_latex(gold), parsing_timeout=None)
   pred_parsed = math_verify.parse(_as_latex(pred), parsing_timeout=None)
   if not gold_parsed:
@@ -274,9 +298,10 @@ class MathVerifier:
     details = {"extracted": answer, "note": note}
     if ok:
       return Verdict(reward=1.0, success=True, feedback="", details=details)
-    feedback = f"final answer {answer} is incorrect"
+    # Clipped as the code verifier's feedback is: the answer is untrusted and may be huge.
+    feedback = f"final answer {base.clip(answer, 300)} is incorrect"
     if note.startswith(("timeout", "error", "answer could not")):
-      feedback += f" ({note})"
+      feedback += f" ({base.clip(note, 300)})"
     if self.reveal_reference:
       feedback += f"; expected {gold}"
     return Verdict(reward=0.0, success=False, feedback=feedback, details=details)

@@ -69,6 +69,24 @@ class ToolCallParseError(ValueError):
 _MAX_TEXT = 200_000  # longer completions are cut
 _MAX_CALL_CHARS = 20_000  # a call in prose longer than this is not looked for
 _MAX_CANDIDATES = 256  # `name(` occurrences examined in prose (bounds the work)
+# Nesting of a parsed value (JSON or literal): deeper is no tool call, and the matching below
+# recurses once per level, so a value past the recursion limit would crash it.
+_MAX_DEPTH = 100
+
+
+def _check_depth(value: Any) -> Any:
+  """`value`, or ToolCallParseError when its containers nest deeper than `_MAX_DEPTH`."""
+  level = [value]
+  for _ in range(_MAX_DEPTH + 1):
+    level = [v for x in level if isinstance(x, (list, tuple, dict))
+             for v in (x.values() if isinstance(x, dict) else x)]
+    if not level:
+      return value
+  raise _too_deep()
+
+
+def _too_deep() -> ToolCallParseError:
+  return ToolCallParseError(f"value nested too deeply (more than {_MAX_DEPTH} levels)")
 
 
 def literal_value(node: ast.AST) -> Any:
@@ -100,12 +118,13 @@ def literal_value(node: ast.AST) -> Any:
 
 
 def _dotted_name(node: ast.AST) -> str | None:
-  if isinstance(node, ast.Name):
-    return node.id
-  if isinstance(node, ast.Attribute):
-    owner = _dotted_name(node.value)
-    return None if owner is None else f"{owner}.{node.attr}"
-  return None
+  parts = []
+  while isinstance(node, ast.Attribute):  # a loop: `a.a.a...` may be any length
+    parts.append(node.attr)
+    node = node.value
+  if not isinstance(node, ast.Name):
+    return None
+  return ".".join([node.id, *reversed(parts)])
 
 
 def _call_from_ast(node: ast.Call, functions: Mapping[str, Mapping[str, Any]]) -> ToolCall:
@@ -128,7 +147,7 @@ def _call_from_ast(node: ast.Call, functions: Mapping[str, Mapping[str, Any]]) -
     if keyword.arg in arguments:
       raise ToolCallParseError(f"{name}: argument {keyword.arg!r} given twice")
     arguments[keyword.arg] = _argument(name, keyword.arg, keyword.value)
-  return ToolCall(name, arguments)
+  return ToolCall(name, _check_depth(arguments))
 
 
 def _argument(function: str, param: str, node: ast.AST) -> Any:
@@ -182,8 +201,12 @@ def _calls_from_json(value: Any) -> list[ToolCall] | None:
     if isinstance(arguments, str):  # OpenAI style: arguments as a JSON string
       try:
         arguments = json.loads(arguments) if arguments.strip() else {}
-      except (json.JSONDecodeError, ValueError):
+      except RecursionError:
+        raise _too_deep() from None
+      except ValueError:
         raise ToolCallParseError(f"{value['name']}: arguments are not valid JSON") from None
+      # Outside the try: ToolCallParseError is a ValueError, and "too deep" is not "invalid".
+      arguments = _check_depth(arguments)
     if not isinstance(arguments, dict):
       raise ToolCallParseError(f"{value['name']}: arguments must be a JSON object")
     return [ToolCall(value["name"], arguments)]
@@ -197,8 +220,10 @@ def _calls_from_json(value: Any) -> list[ToolCall] | None:
 def _loads(text: str) -> Any:
   try:
     return json.loads(text)
-  except (ValueError, RecursionError):
+  except ValueError:
     return None
+  except RecursionError:  # the decoder's own depth limit: too deep to be a call
+    raise _too_deep() from None
 
 
 def _scan_json(text: str) -> list[ToolCall]:
@@ -212,10 +237,12 @@ def _scan_json(text: str) -> list[ToolCall]:
       attempts += 1
       try:
         value, end = decoder.raw_decode(text, i)
-      except (ValueError, RecursionError):
+      except ValueError:
         i += 1
         continue
-      found = _calls_from_json(value)
+      except RecursionError:
+        raise _too_deep() from None
+      found = _calls_from_json(_check_depth(value))
       if found:
         calls.extend(found)
         i = end
@@ -285,7 +312,23 @@ def _scan_python(text: str, known: set[str],
 
 _THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL)
 _TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
-_FENCE = re.compile(r"```[\w+-]*[ \t]*\n?(.*?)```", re.DOTALL)
+_FENCE_HEADER = re.compile(r"[\w+-]*[ \t]*\n?")
+
+
+def _fence_bodies(text: str) -> list[str]:
+  """Bodies of the closed ``` blocks, left to right. A str.find scan: the regex it replaces
+  rescanned to the end from every header length it backtracked through (quadratic on an
+  unclosed ``` followed by a long word). Each search starts past the last: linear."""
+  bodies = []
+  i = 0
+  while (start := text.find("```", i)) >= 0:
+    end = text.find("```", start + 3)
+    if end < 0:
+      break
+    header = _FENCE_HEADER.match(text, start + 3, end)  # language, spaces, one newline
+    bodies.append(text[header.end():end])
+    i = end + 3
+  return bodies
 
 
 def _calls_in_segment(segment: str, known: set[str],
@@ -293,6 +336,7 @@ def _calls_in_segment(segment: str, known: set[str],
                       scan: bool) -> list[ToolCall]:
   value = _loads(segment.strip())
   if value is not None:
+    _check_depth(value)
     calls = _calls_from_json(value)
     if calls is not None:
       return calls
@@ -317,7 +361,7 @@ def parse_tool_calls(text: str, functions: Sequence[Mapping[str, Any]] = (),
   blocks = _TOOL_CALL_BLOCK.findall(text)
   if blocks:
     return [c for b in blocks for c in _calls_in_segment(b, known, by_name, scan=True)]
-  fences = _FENCE.findall(text)
+  fences = _fence_bodies(text)
   calls = [c for f in fences for c in _calls_in_segment(f, known, by_name, scan=False)]
   if calls:
     return calls
@@ -604,13 +648,18 @@ class ToolCallVerifier:
     try:
       calls = parse_tool_calls(completion, reference.functions, known)
     except ToolCallParseError as e:
-      return failure_verdict(f"invalid tool call: {e}")
+      return failure_verdict(base.clip(f"invalid tool call: {e}"))
+    except RecursionError:  # a last resort: the parsers above bound nesting themselves
+      return failure_verdict(f"invalid tool call: {_too_deep()}")
     if not calls:
       return failure_verdict("no tool call found", calls=())
-    details = {"calls": tuple(c.name for c in calls)}
-    why = match_calls(calls, reference)
+    details = {"calls": tuple(base.clip(c.name, 200) for c in calls)}
+    try:
+      why = match_calls(calls, reference)
+    except RecursionError:
+      why = f"invalid tool call: {_too_deep()}"
     if why:
-      return failure_verdict(why, **details)
+      return failure_verdict(base.clip(why), **details)  # may quote huge values
     return Verdict(reward=1.0, success=True, details=details)
 
 
