@@ -9,6 +9,8 @@ before any compute and names the offending field.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from typing import Any
 
@@ -167,6 +169,181 @@ def _check(ok: bool, field: str, message: str) -> None:
     raise ConfigError(f"config.{field}: {message}")
 
 
+# ----------------------------------------------------------------------------- per-field rules
+# Each leaf of `base_config()` has a rule: its type and range, checked first in `validate`, so
+# nothing below (or in the run) meets a nan, an inf, a string or a bool where a number belongs.
+# A new field is one line in FIELD_RULES (tests/test_config_validation.py fails for a field
+# without one). Cross-field constraints stay as explicit checks in `validate`.
+
+
+@dataclasses.dataclass(frozen=True)
+class Num:
+  """An int or float field: finite, within [ge / gt, le / lt]; `also`: extra allowed values
+  outside the range (None = off, -1 = inferred mesh axis, ...)."""
+
+  kind: type  # int or float (a float field takes ints too; never bools or strings)
+  ge: float | None = None
+  gt: float | None = None
+  le: float | None = None
+  lt: float | None = None
+  also: tuple = ()
+  doc: str = ""  # the wording of "must be ...", when the derived one says too little
+
+  def describe(self) -> str:
+    if self.doc:
+      return self.doc
+    low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+    high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+    if low and high:
+      text = f"in {low}, {high}"
+    else:
+      text = " ".join(x for x in (
+          f">= {self.ge:g}" if self.ge is not None else "", f"> {self.gt:g}" if self.gt is not None else "",
+          f"<= {self.le:g}" if self.le is not None else "", f"< {self.lt:g}" if self.lt is not None else "") if x)
+    text = f"an int {text}" if self.kind is int else f"{text} (a finite number)"
+    also = [repr(a) for a in self.also if a is not None]
+    return " or ".join(also + [text] + (["None"] if None in self.also else []))
+
+  def problem(self, v: Any) -> str | None:
+    if any(v is a or (type(v) is type(a) and v == a) for a in self.also):
+      return None
+    want = numbers.Integral if self.kind is int else numbers.Real
+    if isinstance(v, bool) or not isinstance(v, want) or not math.isfinite(v):
+      return f"must be {self.describe()}, got {v!r}"
+    if ((self.ge is not None and not v >= self.ge) or (self.gt is not None and not v > self.gt)
+        or (self.le is not None and not v <= self.le) or (self.lt is not None and not v < self.lt)):
+      return f"must be {self.describe()}, got {v!r}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+  def problem(self, v: Any) -> str | None:
+    return None if isinstance(v, bool) else f"must be True or False, got {v!r}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+  """A string; `choices` (a callable, so registries are read when validating): its values."""
+
+  choices: Any = None
+
+  def problem(self, v: Any) -> str | None:
+    if not isinstance(v, str):
+      return f"must be a string, got {v!r}"
+    known = tuple(self.choices()) if self.choices else None
+    if known is not None and v not in known:
+      return f"unknown {v!r}; known: {sorted(known)}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq:
+  """A tuple or list (not a string) of items obeying `item`."""
+
+  item: Any
+  nonempty: bool = False
+  doc: str = ""
+
+  def problem(self, v: Any) -> str | None:
+    doc = self.doc or f"a {'non-empty ' if self.nonempty else ''}sequence"
+    if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list)) or (self.nonempty and not v):
+      return f"must be {doc}, got {v!r}"
+    for x in v:
+      if self.item.problem(x):
+        return f"must be {doc}, got {tuple(v)!r} (item {x!r}: {self.item.problem(x)})"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Free-form keyword options, validated by whatever they are passed to."""
+
+  def problem(self, v: Any) -> str | None:
+    return None if isinstance(v, (dict, ml_collections.ConfigDict)) else f"must be a dict of options, got {v!r}"
+
+
+def _presets() -> tuple[str, ...]:
+  from mopd_jax.models.config import FAMILIES, PRESETS
+  return tuple(PRESETS) + ("tiny",) + tuple(f"tiny-{f}" for f in FAMILIES)
+
+
+def _tasks() -> tuple[str, ...]:
+  from mopd_jax.tasks import registered_tasks
+  return registered_tasks()
+
+
+_COUNT = Num(int, ge=1)  # sizes, counts, periods that divide
+_NONNEG_INT = Num(int, ge=0)
+_POS = Num(float, gt=0)
+_NONNEG = Num(float, ge=0)
+_UNIT = Num(float, ge=0, le=1)  # [0, 1]
+_PROB = Num(float, gt=0, le=1)  # (0, 1]
+_MOMENT = Num(float, ge=0, lt=1)  # Adam's b1, b2: [0, 1)
+_MESH_AXIS = Num(int, ge=1, also=(-1,))  # -1: the devices left over
+_DTYPE = Text(lambda: ("float32", "bfloat16"))
+_BUCKETS = Seq(_COUNT, nonempty=True, doc="a non-empty sequence of positive ints")
+
+FIELD_RULES: dict[str, Any] = {
+    "method": Text(),  # method_of names the known ones
+    "seed": _NONNEG_INT,
+    "model.preset": Text(_presets), "model.checkpoint": Text(), "model.tokenizer": Text(),
+    "model.param_dtype": _DTYPE, "model.dtype": _DTYPE, "model.remat": Flag(), "model.remat_policy": Text(),
+    "model.scan_layers": Flag(), "model.attention_chunk": _NONNEG_INT, "model.attention_impl": Text(),
+    "teacher.mode": Text(), "teacher.rate": _UNIT, "teacher.external_preset": Text(lambda: ("",) + _presets()),
+    "teacher.external_checkpoint": Text(),
+    "sampling.group_size": _COUNT, "sampling.temperature": _POS, "sampling.top_p": _PROB,
+    "sampling.top_k": Num(int, ge=0, also=(None,)), "sampling.max_new_tokens": _COUNT,
+    "sampling.stop_strings": Seq(Text()), "sampling.enable_thinking": Flag(), "sampling.param_layout": Text(),
+    "mopd.preset": Text(lambda: ("",) + tuple(peers.PEER_PRESETS)), "mopd.overrides": Options(),
+    "loss.alpha": _UNIT, "loss.top_k": Num(int, ge=0, also=(None,)), "loss.use_tail": Flag(),
+    "loss.full_logits": Flag(), "loss.is_clip": Num(float, ge=0, also=(None,)), "loss.mismatch": Text(),
+    "loss.step_level": Flag(), "loss.loss_agg": Text(), "loss.agg_norm": Num(
+        float, ge=0, also=(None,), doc="> 0 (or 0: sampling.max_new_tokens, or None), a finite number"),
+    "loss.chunk_size": _COUNT, "loss.grpo_clip": _POS, "loss.grpo_clip_high": _POS,
+    "loss.grpo_clip_c": Num(float, ge=0, also=(None,)), "loss.grpo_kl_coef": _NONNEG, "loss.grpo_use_kl": Flag(),
+    "loss.grpo_normalize_std": Flag(), "loss.dpo_beta": _POS, "loss.simpo_beta": _POS, "loss.simpo_gamma": _NONNEG,
+    "optim.lr": _POS, "optim.preference_lr": _POS, "optim.warmup_steps": _NONNEG_INT,
+    "optim.schedule": Text(lambda: ("constant", "cosine")), "optim.b1": _MOMENT, "optim.b2": _MOMENT,
+    "optim.eps": _POS, "optim.weight_decay": _NONNEG, "optim.grad_clip": _NONNEG,  # grad_clip 0: off
+    "data.task": Text(_tasks), "data.options": Options(), "data.train_size": _COUNT, "data.eval_size": _NONNEG_INT,
+    "data.eval_seed_offset": _NONNEG_INT, "data.prompts_per_step": _COUNT, "data.path": Text(),
+    "data.prompt_buckets": _BUCKETS, "data.response_buckets": _BUCKETS, "data.teacher_prompt_buckets": _BUCKETS, "data.max_prompt_len": _NONNEG_INT,
+    "data.filter_overlong_prompts": Flag(),
+    "mesh.data": _MESH_AXIS, "mesh.fsdp": _MESH_AXIS, "mesh.tensor": _MESH_AXIS,
+    "distributed.enabled": Flag(), "distributed.coordinator_address": Text(), "distributed.num_processes": _COUNT,
+    "distributed.process_id": _NONNEG_INT,
+    "train.steps": _NONNEG_INT, "train.max_nonfinite_in_a_row": _COUNT, "train.micro_batch_rows": _NONNEG_INT,
+    "eval.every": _NONNEG_INT, "eval.num_samples": _COUNT, "eval.temperature": _NONNEG,  # 0: greedy
+    "eval.top_p": _PROB, "eval.max_new_tokens": _COUNT, "eval.at_start": Flag(), "eval.at_end": Flag(),
+    "eval.batch_prompts": _COUNT,
+    "checkpoint.dir": Text(), "checkpoint.every": _COUNT, "checkpoint.keep": _COUNT, "checkpoint.async_save": Flag(),
+    "logging.dir": Text(), "logging.rollout_sample_every": _NONNEG_INT, "logging.rollout_samples": _NONNEG_INT,
+    "logging.progress": Flag(),
+    "verifier.num_workers": _COUNT, "verifier.deadline_s": _POS, "verifier.success_threshold": _PROB,
+}
+
+
+def _check_fields(config) -> None:
+  """Every FIELD_RULES field the config has obeys its rule; then the cross-field basics."""
+  for field, rule in FIELD_RULES.items():
+    node = config
+    for part in field.split("."):
+      if part not in node:
+        break
+      node = node[part]
+    else:
+      problem = rule.problem(node)
+      _check(problem is None, field, problem or "")
+  if "mesh" in config:
+    axes = [config.mesh[a] for a in ("data", "fsdp", "tensor")]
+    _check(axes.count(-1) <= 1, "mesh", f"at most one axis may be -1 (the devices left over), got {tuple(axes)}")
+  if "distributed" in config:
+    d = config.distributed
+    _check(not d.enabled or d.process_id < d.num_processes, "distributed.process_id",
+           f"must be < distributed.num_processes={d.num_processes}, got {d.process_id}")
+
+
 def _check_loss_options(l) -> None:
   _check(l.mismatch != "tis", "loss.mismatch",
          "'tis' is not offered: loss.is_clip's weight min(p_student / p_sampler, is_clip) already is the "
@@ -192,6 +369,7 @@ def validate(config, num_devices: int | None = None, *, platform: str | None = N
   Ahead-of-time compilation for a TPU from a CPU process passes "tpu".
   """
   platform = platform or jax.default_backend()
+  _check_fields(config)  # types and ranges of every field, before anything reads them
   method = method_of(config)
   _check(method.loss in METHOD_KINDS, "method", f"bad loss kind {method.loss}")
   _check(0.0 <= config.loss.alpha <= 1.0, "loss.alpha", f"must be in [0, 1], got {config.loss.alpha}")

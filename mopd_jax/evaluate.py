@@ -252,7 +252,8 @@ def restore_run_params(directory: str | os.PathLike, like: nnx.State, *, step: O
   """Params from a `checkpointing.RunCheckpointer` directory (latest step by default).
 
   Partial restore: only `state.params` (student) or `teacher.params` is read, so neither the
-  optimizer state's structure nor the training config is needed.
+  optimizer state's structure nor the training config is needed. Verified against the step's
+  checksums (a damaged step raises, naming the tensor: no silent fallback to another step).
   """
   import orbax.checkpoint as ocp
 
@@ -265,14 +266,37 @@ def restore_run_params(directory: str | os.PathLike, like: nnx.State, *, step: O
   step = steps[-1] if step is None or step < 0 else step
   if step not in steps:
     raise FileNotFoundError(f"config.evaluate.step: no step {step} in {root}; steps: {steps}")
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
   key = "state" if which == "student" else "teacher"
+  prefix = f"{key}.params"
+  where = f"{root} step {step}"
+  try:
+    record = checkpointing.read_checksums(root / str(step))  # None: saved before checksums existed
+  except Exception as e:
+    raise checkpointing.CheckpointCorruptError(
+        f"{where}: checksums unreadable ({type(e).__name__}: {e}); evaluate another step (config.evaluate.step; "
+        f"steps: {steps})") from None
+  saved = {} if record is None else {
+      n[len(prefix) + 1:]: jax.ShapeDtypeStruct(tuple(v["shape"]), v["dtype"])
+      for n, v in record.get("arrays", {}).items() if n.startswith(prefix + ".")}
+  if saved:
+    checkpointing.check_same_model(saved, like, where)
+  # Read in the saved dtype, so the digests compare the bits written; cast to the model's after.
+  abstract = jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.ShapeDtypeStruct(
+          x.shape, saved[checkpointing.tensor_name(p)].dtype if saved else x.dtype, sharding=x.sharding), like)
   item = {key: {"params": abstract}}
   restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
   with ocp.PyTreeCheckpointer() as ckptr:
     out = ckptr.restore(root / str(step) / "arrays", args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
-  return out[key]["params"], step
+  params = out[key]["params"]
+  if record is not None:
+    problems = checkpointing.verify(params, record, prefix=prefix)
+    if problems:
+      more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+      raise checkpointing.CheckpointCorruptError(
+          f"{where} is damaged: {problems[0]}{more}; evaluate another step (config.evaluate.step; steps: {steps})")
+  return jax.tree.map(lambda x, l: x.astype(l.dtype) if x.dtype != l.dtype else x, params, like), step
 
 
 def load_model(config, checkpoint: str = "", *, which: str = "student", step: Optional[int] = None

@@ -139,7 +139,8 @@ def load_examples(config) -> tuple[list[Example], list[Example]]:
   if len(examples) <= d.eval_size:
     raise config_lib.ConfigError(
         f"config.data.eval_size: {d.eval_size} held-out examples requested but the task has {len(examples)}")
-  return examples[:-d.eval_size][:d.train_size], examples[-d.eval_size:]
+  split = len(examples) - d.eval_size  # not examples[:-eval_size]: eval_size 0 would empty training
+  return examples[:split][:d.train_size], examples[split:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,7 +390,13 @@ class Run:
     return sampling_lib.reshard_for_sampling(self.state.params, self.mesh, self.config.sampling.param_layout)
 
   def checkpoint_arrays(self):
-    return {"state": self.state, "teacher": self.teacher, "rng": jax.random.key_data(self.rng)}
+    rng = jax.random.key_data(self.rng)
+    if rng.is_fully_addressable:
+      # A fresh run's key sits on one device (a restored one is replicated over the mesh); orbax
+      # saves only global arrays in a multi-process run, so it is saved replicated over the mesh.
+      host = np.asarray(rng)
+      rng = jax.make_array_from_callback(host.shape, sharding.replicated(self.mesh), lambda index: host[index])
+    return {"state": self.state, "teacher": self.teacher, "rng": rng}
 
   def checkpoint_shardings(self):
     """Where each entry of `checkpoint_arrays()` lives, for restoring it."""
@@ -466,7 +473,10 @@ def setup(config) -> Run:
 
 
 def restore(run: Run) -> None:
-  arrays, position = run.checkpointer.restore(run.checkpoint_arrays(), shardings=run.checkpoint_shardings())
+  # Verified against the step's checksums; a damaged step is reported, set aside, and the one
+  # before it restored (checkpointing.RunCheckpointer.restore).
+  arrays, position = run.checkpointer.restore(run.checkpoint_arrays(), shardings=run.checkpoint_shardings(),
+                                              warn=run.logger.warning)
   run.state, run.teacher = arrays["state"], arrays["teacher"]
   run.rng = jax.random.wrap_key_data(arrays["rng"])
   run.position = position

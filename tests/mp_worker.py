@@ -4,8 +4,9 @@
 
 MESH: "data,fsdp,tensor" (default "-1,1,1"). MODE: "train" (default: 3 trainer steps, then
 process 0 saves the params), "train:TEACHER_MODE[:STEPS]" (the same with teacher.mode = ema,
-trust_region, frozen or external, and that many steps) or "sample" (each process samples its share of 8 prompts over
-the mesh from the sharded model, greedy and at temperature 1, and saves its rows).
+trust_region, frozen or external, and that many steps), "sample" (each process samples its share of 8 prompts over
+the mesh from the sharded model, greedy and at temperature 1, and saves its rows) or "ckpt:STEPS" (resume from
+OUT_DIR/ck if it holds a step, train to STEPS saving every step, each process writes the step it resumed from).
 """
 
 import os
@@ -87,6 +88,21 @@ def sample(run, out_dir: str) -> None:
              logprobs=result.logprobs, lengths=result.lengths)
 
 
+def checkpoint_run(c, out_dir: str, steps: int) -> None:
+  import jax
+
+  from mopd_jax import trainer
+
+  c.checkpoint.dir, c.checkpoint.every, c.train.steps = os.path.join(out_dir, "ck"), 1, steps
+  run = trainer.setup(c)  # restores (verifying checksums, falling back past a damaged step)
+  with open(os.path.join(out_dir, f"resumed{jax.process_index()}.txt"), "w") as f:
+    f.write(str(run.position.step))
+  while run.position.step < steps:
+    trainer.run_one_step(run)
+    run.checkpointer.save(run.position.step, run.checkpoint_arrays(), run.position)
+  run.checkpointer.close()
+
+
 def main(process_id: int, num_processes: int, port: int, out_dir: str, mesh: str = "-1,1,1",
          mode: str = "train") -> None:
   import jax
@@ -94,6 +110,11 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str, mesh: str
   from mopd_jax import trainer
 
   c = _config(process_id, num_processes, port, out_dir, mesh)
+  if mode.startswith("ckpt:"):
+    checkpoint_run(c, out_dir, int(mode.split(":")[1]))
+    if num_processes > 1:
+      jax.distributed.shutdown()
+    return
   if mode.startswith("train:"):
     _, c.teacher.mode, *steps = mode.split(":")
     c.train.steps = int(steps[0]) if steps else c.train.steps

@@ -92,6 +92,28 @@ def test_restores_params_from_a_trainer_run_checkpoint(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_a_run_checkpoint_whose_params_fail_their_checksum_is_refused_naming_the_tensor(tmp_path):
+  config = _tiny_eval_config(tmp_path)
+  _, like, _, _ = evaluate.load_model(config)
+  optimizer, _ = make_optimizer(1e-3)
+  ckpt = checkpointing.RunCheckpointer(tmp_path / "run", async_save=False)
+  arrays = {"state": init_train_state(like, optimizer), "teacher": TeacherState(like),
+            "rng": jax.random.key_data(jax.random.key(0))}
+  ckpt.save(7, arrays, checkpointing.RunPosition(step=7, data_position=0))
+  ckpt.close()
+  # What bit rot in that tensor's chunk looks like to the reader: its bytes no longer hash to the record.
+  path = tmp_path / "run" / "7" / "checksums" / "metadata"
+  record = json.loads(path.read_text())
+  name = "state.params.layers.mlp.up_proj.kernel.value"
+  record["arrays"][name]["digest"] = "0123456789abcdef"
+  path.write_text(json.dumps(record))
+  with pytest.raises(checkpointing.CheckpointCorruptError, match=rf"step 7 is damaged: {name}: digest mismatch"):
+    evaluate.load_model(config, str(tmp_path / "run"))
+  _, teacher, _, _ = evaluate.load_model(config, str(tmp_path / "run"), which="teacher")  # its tensors are intact
+  for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(like)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_tiny_evaluation_end_to_end(tmp_path):
   config = _tiny_eval_config(tmp_path)
   summary, items, paths = evaluate.evaluate(config)

@@ -96,3 +96,48 @@ def test_two_processes_sample_what_one_process_samples(tmp_path):
       np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), ref[key])
     np.testing.assert_allclose(np.concatenate([p["logprobs"] for p in parts]), ref["logprobs"], atol=1e-6)
     assert ref["lengths"].min() >= 1 and len({tuple(r) for r in ref["tokens"]}) > 1
+
+
+@pytest.mark.slow
+def test_two_process_checkpoints_verify_in_one_process_and_fall_back_together(tmp_path):
+  """Arrays sharded across 2 processes (fsdp x tensor): the digests both processes computed for
+  the save equal a 1-process digest of the same values; after flipped bytes in the latest step
+  both processes find it damaged and resume from the step before (no deadlock, one answer)."""
+  import glob
+
+  import jax
+
+  from mopd_jax import checkpointing
+
+  _launch(2, 2, str(tmp_path), mesh="1,2,2", mode="ckpt:2")
+  ck = tmp_path / "ck"
+  reader = checkpointing.RunCheckpointer(ck, async_save=False)
+  assert reader.all_steps() == [1, 2]
+  for step in (1, 2):
+    raw = _on_one_device(reader, step)
+    assert checkpointing.verify(raw, checkpointing.read_checksums(ck / str(step))) == []
+    assert len(jax.tree.leaves(raw)) > 10
+  reader.close()
+  files = glob.glob(str(ck / "2" / "arrays" / "**" / "d" / "*"), recursive=True)
+  path = max(files, key=os.path.getsize)
+  data = bytearray(open(path, "rb").read())
+  for i in range(64):
+    data[len(data) // 3 + 97 * i] ^= 0xFF
+  open(path, "wb").write(bytes(data))
+  _launch(2, 2, str(tmp_path), mesh="1,2,2", mode="ckpt:3")
+  assert [(tmp_path / f"resumed{p}.txt").read_text() for p in (0, 1)] == ["1", "1"]
+  assert sorted(os.listdir(ck / checkpointing.QUARANTINE_DIR)) == ["2"]
+  reader = checkpointing.RunCheckpointer(ck, async_save=False)
+  assert reader.all_steps() == [1, 2, 3]
+  assert checkpointing.verify(_on_one_device(reader, 3), checkpointing.read_checksums(ck / "3")) == []
+
+
+def _on_one_device(reader, step):
+  """A step's arrays read unverified onto this (single) process's first device."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          reader._manager.item_metadata(step)["arrays"])
+  return reader._manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract))).arrays

@@ -407,3 +407,16 @@ def test_a_step_with_every_context_empty_warns_and_sets_the_metric(scripted_run,
   err = capsys.readouterr().err
   assert f"WARNING: step {step}: all 8 teacher contexts are empty" in err
   assert f"WARNING: step {step}: summaries variant: none of the 8 responses" in err
+
+
+@pytest.mark.parametrize("eval_size, train, held_out", [(0, 5, 0), (2, 3, 2)])
+def test_a_file_task_holds_out_its_tail_and_eval_size_zero_keeps_every_example(tmp_path, eval_size, train, held_out):
+  """examples[:-0] is empty: eval_size 0 used to leave no training prompt (the first step then
+  divided by zero)."""
+  path = tmp_path / "data.jsonl"
+  path.write_text("".join(json.dumps({"prompt": f"What is {i}+1?", "verifier": "math", "reference": str(i + 1)}) + "\n"
+                          for i in range(5)))
+  c = tiny(**{"data.task": "jsonl", "data.path": str(path), "data.eval_size": eval_size, "data.options": {}})
+  train_examples, eval_examples = trainer.load_examples(c)
+  assert (len(train_examples), len(eval_examples)) == (train, held_out)
+  assert [e.reference for e in train_examples + eval_examples] == [str(i + 1) for i in range(5)]
