@@ -468,7 +468,11 @@ def setup(config) -> Run:
       position=checkpointing.RunPosition(step=0, data_position=0), rng=jax.random.key(config.seed),
       prompt_filter=prompt_filter)
   if checkpointer is not None and checkpointer.latest_step() is not None:
-    restore(run)
+    try:
+      restore(run)
+    except BaseException:
+      checkpointer.close()  # no orbax threads left behind by a refused checkpoint
+      raise
   return run
 
 
