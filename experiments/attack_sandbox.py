@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gzip
-import importlib.util
 import json
 import os
 import sys
@@ -48,15 +47,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mopd_jax.verifiers import sandbox  # noqa: E402
+from stress_sandbox import load_suite  # noqa: E402  (this folder: the script's own)
 
-
-def _load_suite():
-  path = os.path.join(ROOT, "tests", "test_code_sandbox.py")
-  spec = importlib.util.spec_from_file_location("test_code_sandbox", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses resolve annotations through it
-  spec.loader.exec_module(module)
-  return module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,27 +59,6 @@ class Outcome:
   shmem_mb: float  # host Shmem growth during the run
 
 
-def _shmem_kb() -> int:
-  with open("/proc/meminfo") as f:
-    return next(int(line.split()[1]) for line in f if line.startswith("Shmem:"))
-
-
-def _run(program: str, limits: sandbox.SandboxLimits, disable: tuple[str, ...]
-         ) -> tuple[sandbox.SandboxResult, float]:
-  base, peak, stop = _shmem_kb(), [0], threading.Event()
-
-  def sample():
-    while not stop.wait(0.02):
-      peak[0] = max(peak[0], _shmem_kb() - base)
-
-  t = threading.Thread(target=sample, daemon=True)
-  t.start()
-  try:
-    res = sandbox.run_python(program, limits=limits, disable_layers=disable)
-  finally:
-    stop.set()
-    t.join()
-  return res, peak[0] / 1024
 
 
 def _first_line(res: sandbox.SandboxResult) -> str:
@@ -100,7 +71,7 @@ def _unix_sockets(suite: Any, disable: tuple[str, ...]) -> Outcome:
   listeners = suite._unix_listeners(os.urandom(8).hex())
   addrs = tuple(os.fsdecode(s.getsockname()) for s in listeners)
   try:
-    res, shm = _run(suite.UNIX_SOCKETS.replace("@UNIX_ADDRS@", repr(addrs)),
+    res, shm = suite.run_sampling_shmem(suite.UNIX_SOCKETS.replace("@UNIX_ADDRS@", repr(addrs)),
                     sandbox.SandboxLimits(), disable)
     reached = [os.fsdecode(s.getsockname()) for s in listeners if suite._drain(s)]
   finally:
@@ -125,7 +96,7 @@ def _humaneval_search(suite: Any, disable: tuple[str, ...]) -> Outcome | None:
   needle = max(solution.splitlines(), key=len).strip().encode()
   program = (suite.FS_SEARCH.replace("@NEEDLE@", repr(needle))
              .replace("@HIDDEN@", repr(suite._hidden_paths())))
-  res, shm = _run(program, sandbox.SandboxLimits(wall_time_s=90), disable)
+  res, shm = suite.run_sampling_shmem(program, sandbox.SandboxLimits(wall_time_s=90), disable)
   return Outcome(res.stdout == "hidden\n", _first_line(res), res, shm)
 
 
@@ -133,7 +104,7 @@ def _simple(program_attr: str, limits: sandbox.SandboxLimits,
             contained: Callable[[sandbox.SandboxResult], bool]):
   def case(suite: Any, disable: tuple[str, ...]) -> Outcome:
     program = getattr(suite, program_attr).replace("@HIDDEN@", repr(suite._hidden_paths()))
-    res, shm = _run(program, limits, disable)
+    res, shm = suite.run_sampling_shmem(program, limits, disable)
     what = _first_line(res)
     if program_attr == "INODE_BOMB":
       what += f"; {res.stderr.strip()[:80]}"
@@ -359,7 +330,7 @@ def main() -> int:
   if os.geteuid() != 0:
     print("needs root: the attacks assume the full sandbox", file=sys.stderr)
     return 2
-  suite = _load_suite()
+  suite = load_suite()
   disable = tuple(d for d in args.disable.split(",") if d)
   wanted = [c for c in args.cases.split(",") if c] or list(CASES)
   rows, bad = [], 0

@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 from mopd_jax.verifiers import sandbox  # noqa: E402
 
 
-def _load_suite():
+def load_suite():
   path = os.path.join(ROOT, "tests", "test_code_sandbox.py")
   spec = importlib.util.spec_from_file_location("test_code_sandbox", path)
   module = importlib.util.module_from_spec(spec)
@@ -64,7 +64,7 @@ def main() -> int:
   if os.geteuid() != 0:
     print("needs root: the adversarial cases assume the full sandbox", file=sys.stderr)
     return 2
-  suite = _load_suite()
+  suite = load_suite()
   wanted = {c for c in args.cases.split(",") if c}
   cases = [c for c in suite.CASES if not wanted or c.name in wanted]
   if wanted - {c.name for c in cases}:

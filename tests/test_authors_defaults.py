@@ -19,6 +19,7 @@ sys.path.insert(0, REPO)
 
 from configs import default as default_config  # noqa: E402
 from configs import evaluate as evaluate_config  # noqa: E402
+from config_tools import override  # noqa: E402
 from mopd_jax import config_lib, evaluate, losses, peers, sharding, trainer  # noqa: E402
 from mopd_jax.sampling import FinishReason  # noqa: E402
 from mopd_jax.types import Example, Message, Verdict  # noqa: E402
@@ -36,13 +37,7 @@ def _paper(name, tmp_path, arg=""):
 def _tiny(**overrides):
   c = default_config.get_config("tiny")
   c.eval.at_start = c.eval.at_end = False
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, overrides)
 
 
 @pytest.fixture(scope="module")

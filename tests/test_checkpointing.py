@@ -19,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import default as default_config  # noqa: E402
+from config_tools import override  # noqa: E402
 from mopd_jax import checkpointing, sharding, trainer  # noqa: E402
 from mopd_jax.models import init_model, tiny_config  # noqa: E402
 
@@ -98,13 +99,7 @@ def _tiny_config(ckpt_dir, log_dir, **overrides):
   c.eval.at_start = c.eval.at_end = False
   c.checkpoint.dir, c.logging.dir = str(ckpt_dir), str(log_dir)
   c.checkpoint.every = 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, overrides)
 
 
 @pytest.fixture(scope="module")

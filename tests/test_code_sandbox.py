@@ -950,6 +950,27 @@ def _shmem_kb() -> int:
     return next(int(line.split()[1]) for line in f if line.startswith("Shmem:"))
 
 
+def run_sampling_shmem(program: str, limits: sandbox.SandboxLimits, disable: tuple[str, ...] = ()
+                       ) -> tuple[sandbox.SandboxResult, float]:
+  """(result, peak growth of the host's shared memory in MB during the run): what tmpfs and
+  memfd memory no process owns costs the host. Also used by experiments/attack_sandbox.py."""
+  import threading
+  base, peak_kb, stop = _shmem_kb(), [0], threading.Event()
+
+  def sample():
+    while not stop.wait(0.02):
+      peak_kb[0] = max(peak_kb[0], _shmem_kb() - base)
+
+  sampler = threading.Thread(target=sample, daemon=True)
+  sampler.start()
+  try:
+    res = sandbox.run_python(program, limits=limits, disable_layers=disable)
+  finally:
+    stop.set()
+    sampler.join()
+  return res, peak_kb[0] / 1024
+
+
 MEMORY_ATTACKS = {
     # name: (program, limits, contained(result) -> bool)
     "userns_tmpfs": (USERNS_TMPFS, sandbox.SandboxLimits(wall_time_s=10),
@@ -967,24 +988,11 @@ def test_memory_no_process_owns_is_capped(name):
   """A user namespace's own tmpfs, memfds and millions of tmpfs inodes: each is stopped
   (no user namespaces, inode caps) or charged to the run (memory cgroup); the host's
   shared memory and the run's peak stay bounded."""
-  import threading
   program, limits, contained = MEMORY_ATTACKS[name]
-  shmem0, peak_kb, stop = _shmem_kb(), [0], threading.Event()
-
-  def sample():
-    while not stop.wait(0.02):
-      peak_kb[0] = max(peak_kb[0], _shmem_kb() - shmem0)
-
-  sampler = threading.Thread(target=sample, daemon=True)
-  sampler.start()
-  try:
-    res = sandbox.run_python(program, limits=limits)
-  finally:
-    stop.set()
-    sampler.join()
+  res, peak_mb = run_sampling_shmem(program, limits)
   assert contained(res), res
   cap_mb = limits.run_memory_mb
-  assert peak_kb[0] < (cap_mb + 128) * 1024, f"host shared memory grew by {peak_kb[0] >> 10} MB"
+  assert peak_mb < cap_mb + 128, f"host shared memory grew by {peak_mb:.0f} MB"
   if name == "userns_tmpfs":
     assert "no_user_namespaces" in res.isolation, res.isolation
   if name == "tmpfs_inodes":

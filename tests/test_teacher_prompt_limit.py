@@ -17,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import default as default_config  # noqa: E402
+from config_tools import override  # noqa: E402
 from mopd_jax import config_lib, peers, trainer, weights  # noqa: E402
 from mopd_jax.types import Example, Message, Verdict  # noqa: E402
 
@@ -99,14 +100,7 @@ def test_error_truncation_counts_the_template_tokens(tokenizer):
     ({"data.response_buckets": (64, 0)}, r"config.data.response_buckets: must be a non-empty sequence of positive"),
 ])
 def test_a_limit_or_buckets_that_cannot_hold_the_teacher_prompt_fail_validation(overrides, message):
-  c = default_config.get_config("tiny")
-  with c.unlocked():
-    for key, value in overrides.items():
-      node = c
-      *parents, leaf = key.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+  c = override(default_config.get_config("tiny"), overrides)
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c, num_devices=8)
 

@@ -13,6 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import default as default_config  # noqa: E402
+from config_tools import override  # noqa: E402
 from mopd_jax import config_lib, peers, sampling, trainer  # noqa: E402
 from mopd_jax.logging_lib import MetricsLogger  # noqa: E402
 from mopd_jax.types import Verdict  # noqa: E402
@@ -22,13 +23,7 @@ def tiny(method="mopd", **overrides):
   c = default_config.get_config(f"tiny,method={method}")
   c.eval.at_start = False
   c.eval.at_end = False
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, overrides)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -71,14 +66,7 @@ def test_prompts_per_step_is_per_optimizer_step_for_the_whole_run():
     ({"optim.preference_lr": 0.0}, r"config.optim.preference_lr: must be > 0"),
 ])
 def test_bad_config_fails_before_any_compute(overrides, message):
-  c = tiny()
-  with c.unlocked():
-    for key, value in overrides.items():
-      node = c
-      *parents, leaf = key.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+  c = override(tiny(), overrides)
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c, num_devices=8)
 
