@@ -16,14 +16,14 @@ reference (DPO, GRPO's optional KL) is the initial student.
 """
 
 from configs.paper_common import paper_config
-from mopd_jax import config_lib
+from mopd_jax import config_lib, methods
 
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, method="mopd", checkpoint="", data="", target="v5p-64", recipe="spec")
   c = paper_config(f"method={a.method},checkpoint={a.checkpoint},data={a.data},target={a.target},recipe={a.recipe}",
                    preset="qwen3-4b", task_verifier="code")
-  if config_lib.method_of(c).loss == "distill":
+  if methods.get(c.method).uses_teacher_contexts:
     c.teacher.mode = "external"  # never updated: the authors' teacher_update_rate=0.0
     c.teacher.external_preset = "qwen3-14b"
     c.teacher.external_checkpoint = ""  # the 14B HF directory (required); tokenizers must match

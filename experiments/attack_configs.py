@@ -25,14 +25,10 @@ import io
 import math
 import os
 import shutil
-import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from configs import default as default_config  # noqa: E402
-from mopd_jax import checkpointing, config_lib, trainer  # noqa: E402
+from configs import default as default_config
+from mopd_jax import checkpointing, config_lib, trainer
 
 CONFIG_CASES = [
     ("mesh.data", 0), ("mesh.fsdp", -2), ("data.train_size", 0), ("data.eval_size", -1),

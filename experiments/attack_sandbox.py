@@ -43,11 +43,8 @@ import threading
 import time
 from typing import Any, Callable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from mopd_jax.verifiers import sandbox  # noqa: E402
-from stress_sandbox import load_suite  # noqa: E402  (this folder: the script's own)
+from experiments.stress_sandbox import load_suite
+from mopd_jax.verifiers import sandbox
 
 
 

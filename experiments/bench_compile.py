@@ -21,10 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,7 +41,7 @@ def compile_train(cfg, args) -> float:
   import jax
   import numpy as np
 
-  from bench_train_step import Shape, build_states, synthetic_batch
+  from experiments.bench_train_step import Shape, build_states, synthetic_batch
   from mopd_jax.train_step import StepConfig, make_train_step
 
   step_cfg = StepConfig(group_size=8)

@@ -212,7 +212,7 @@ def main(argv=None) -> None:
             (f", HF {hf_s[-1]:.2f} s" if hf_s else ""), flush=True)
     prefill_s = statistics.median(prefill() for _ in range(args.runs))
     if args.profile:
-      from profile_summary import profile_call
+      from experiments.profile_summary import profile_call
       profile_call(os.path.join(args.profile, shape), lambda: ours(seed=1000), steps=new_tokens)
     t = statistics.median(ours_s)
     rows_tokens = b * g * new_tokens

@@ -256,11 +256,14 @@ def xla_flops(compiled) -> Optional[float]:
 def run_jax(cfg: ModelConfig, shape: Shape, batch_np: TrainBatch, args) -> dict[str, Any]:
   import jax
 
-  from mopd_jax import losses
+  import dataclasses
+
+  from mopd_jax import losses, methods
   from mopd_jax.train_step import StepConfig, make_train_step
 
   distill = losses.DistillConfig() if args.chunk_size is None else losses.DistillConfig(chunk_size=args.chunk_size)
-  step_cfg = StepConfig(group_size=math.gcd(shape.rows, 8), distill=distill)
+  step_cfg = StepConfig(method=dataclasses.replace(methods.get("mopd"), distill=distill),
+                        group_size=math.gcd(shape.rows, 8))
   t0 = time.perf_counter()
   graphdef, opt, lr_fn, state, teacher = build_states(cfg, step_cfg, abstract=args.compile_only)
   init_s = time.perf_counter() - t0
@@ -305,7 +308,7 @@ def run_jax(cfg: ModelConfig, shape: Shape, batch_np: TrainBatch, args) -> dict[
                 loss=float(metrics.loss), grad_norm=float(metrics.grad_norm),
                 update_applied=float(metrics.update_applied), optimizer_steps=int(state.step))
   if args.profile:
-    from profile_summary import profile_call
+    from experiments.profile_summary import profile_call
     state, teacher, metrics = profile_call(args.profile, lambda: compiled(state, teacher, batch, rng))
   stats = jax.devices()[0].memory_stats() or {}
   result["device_peak_bytes"] = stats.get("peak_bytes_in_use")

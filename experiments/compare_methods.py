@@ -23,7 +23,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +158,6 @@ def main() -> None:
   parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "compare_methods_seeds"))
   parser.add_argument("--report_only", action="store_true", help="rewrite the table and plot, run nothing")
   args = parser.parse_args()
-  sys.path.insert(0, REPO)
   os.makedirs(args.out, exist_ok=True)
   methods = args.methods.split(",")
   record = os.path.join(args.out, "results.json")

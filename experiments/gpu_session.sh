@@ -7,7 +7,8 @@
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD:$PWD/experiments${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The repository root: mopd_jax, configs and experiments import without `pip install -e .` on a lease.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt, say how it ended
   local name=$1 limit=$2; shift 2

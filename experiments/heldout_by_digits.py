@@ -17,14 +17,9 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
-import os
 import re
-import sys
 
 import jax
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def operand_class(prompt_text: str) -> str:

@@ -19,14 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
 
 import jax
 import numpy as np
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 # name -> (peer preset, option overrides, label overrides)
 VARIANTS = {

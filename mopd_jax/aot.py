@@ -70,7 +70,6 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAMS: tuple[str, ...] = ("train", "sample", "score")
 GIB = 1024 ** 3
 TOPOLOGY_EXAMPLES = "v4:2x2x1, v5e:2x2, v5e:4x4, v5p:2x2x1, v5p:4x4x4, v6e:2x2"
@@ -515,7 +514,7 @@ def compile_train_step(plan: Plan, states: _States) -> ProgramReport:
 
   step_fn = make_train_step(states.graphdef, states.optimizer, plan.step, teacher_graphdef=states.teacher_graphdef,
                             learning_rate_fn=states.lr_fn, mesh=plan.mesh)
-  run = jit_train_step(step_fn, plan.mesh, states.state, states.teacher)
+  run = jit_train_step(step_fn, plan.mesh, states.state, states.teacher, states.optimizer)
   batch = abstract_train_batch(plan.rows, plan.prompt_len, plan.teacher_prompt_len, plan.response_len, plan.mesh)
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                              sharding=sharding.replicated(plan.mesh))
@@ -531,15 +530,15 @@ def compile_teacher_score(plan: Plan, states: _States) -> ProgramReport:
   import jax
 
   from mopd_jax import flops, sharding
-  from mopd_jax.train_step import DISTILL, teacher_hidden
+  from mopd_jax.train_step import teacher_hidden
 
   shapes = (f"{plan.rows} rows: teacher {plan.teacher_prompt_len}+{plan.response_len}")
-  if plan.step.loss != DISTILL:
+  if not plan.step.method.teacher_context_forwards:
     return _skipped("teacher_score", shapes, f"method {plan.config.method!r} has no teacher-context forward",
                     plan.topology.num_devices, plan.topology)
   mesh = plan.mesh
   # The student's params are an input only where the teacher uses them (trust region).
-  student = states.state.params if plan.step.teacher_mode == "trust_region" else None
+  student = states.state.params if plan.step.method.teacher_context_forwards == 2 else None
   student_sh = None if student is None else sharding.param_shardings(student, mesh)
   teacher_sh = sharding.param_shardings(states.teacher.params, mesh)
   batch = abstract_train_batch(plan.rows, plan.prompt_len, plan.teacher_prompt_len, plan.response_len, mesh)
@@ -718,7 +717,9 @@ def target_topology(config, topology_name: Optional[str]) -> str:
 def _main(config, topology_name: Optional[str], programs: Sequence[str], json_path: Optional[str],
           num_layers: int = 0) -> int:
   from mopd_jax import config_lib
+  from mopd_jax.logging_lib import quiet_library_logs
 
+  quiet_library_logs()
   try:
     topology = get_topology(target_topology(config, topology_name))
     report = compile_all(config, topology, programs, progress=lambda line: print(line, flush=True),
@@ -744,11 +745,11 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
   from absl import app, flags
   from ml_collections import config_flags
 
-  if _REPO_ROOT not in sys.path:  # configs/*.py import `configs` and `mopd_jax`
-    sys.path.insert(0, _REPO_ROOT)
-  config = config_flags.DEFINE_config_file(
-      "config", os.path.join(_REPO_ROOT, "configs", "default.py"), "Run configuration (a get_config file).",
-      lock_config=True)
+  import configs
+
+  default = os.path.join(os.path.dirname(configs.__file__), "default.py")
+  config = config_flags.DEFINE_config_file("config", default, "Run configuration (a get_config file).",
+                                           lock_config=True)
   topology = flags.DEFINE_string(
       "topology", None, f"TPU topology, e.g. {TOPOLOGY_EXAMPLES}; default: the config's target (config.tpu.topology)")
   programs = flags.DEFINE_list("programs", list(PROGRAMS), f"programs to compile: {', '.join(PROGRAMS)}")

@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import shutil
-import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -448,3 +447,78 @@ def check_same_model(stored: dict[str, Any], like: Any, where: str) -> None:
   if problems:
     more = f" (and {len(problems) - 1} more mismatching tensors)" if len(problems) > 1 else ""
     raise CheckpointMismatchError(f"{where} holds another model: {problems[0]}{more}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading saved runs without a RunCheckpointer (evaluation, analysis): the layout stays here.
+
+RUN_PARAMS = {"student": "state", "teacher": "teacher"}  # which params -> the arrays item holding them
+
+
+def run_steps(directory: str | os.PathLike) -> list[int]:
+  """The finished steps of a `RunCheckpointer` directory, ascending (quarantine/ is no step)."""
+  root = str(directory)
+  return sorted(int(n) for n in _listdir(root) if n.isdigit() and os.path.isdir(os.path.join(root, n, "arrays")))
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+  """A `RunCheckpointer` directory holding at least one finished step."""
+  return bool(run_steps(path))
+
+
+def is_params_dir(path: str | os.PathLike) -> bool:
+  """A `save_params` directory (orbax's metadata, and not an HF checkpoint's config.json)."""
+  path = str(path)
+  return (os.path.isdir(path) and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA"))
+          and not os.path.exists(os.path.join(path, "config.json")))
+
+
+def restore_run_params(directory: str | os.PathLike, like: Any, *, step: Optional[int] = None,
+                       which: str = "student") -> tuple[Any, int]:
+  """Params from a `RunCheckpointer` directory (latest step by default), in `like`'s dtypes and shardings.
+
+  Partial restore: only `state.params` (student) or `teacher.params` is read, so neither the
+  optimizer state's structure nor the training config is needed. Verified against the step's
+  checksums (a damaged step raises, naming the tensor: no silent fallback to another step).
+  """
+  if which not in RUN_PARAMS:
+    raise ValueError(f"config.evaluate.params must be 'student' or 'teacher', got {which!r}")
+  root = os.path.abspath(directory)
+  steps = run_steps(root)
+  if not steps:
+    raise FileNotFoundError(f"no finished checkpoint step in {root}")
+  step = steps[-1] if step is None or step < 0 else step
+  if step not in steps:
+    raise FileNotFoundError(f"config.evaluate.step: no step {step} in {root}; steps: {steps}")
+  key = RUN_PARAMS[which]
+  prefix = f"{key}.params"
+  where = f"{root} step {step}"
+  step_dir = os.path.join(root, str(step))
+  try:
+    record = read_checksums(step_dir)  # None: saved before checksums existed
+  except Exception as e:
+    raise CheckpointCorruptError(
+        f"{where}: checksums unreadable ({type(e).__name__}: {e}); evaluate another step (config.evaluate.step; "
+        f"steps: {steps})") from None
+  saved = {} if record is None else {
+      n[len(prefix) + 1:]: jax.ShapeDtypeStruct(tuple(v["shape"]), v["dtype"])
+      for n, v in record.get("arrays", {}).items() if n.startswith(prefix + ".")}
+  if saved:
+    check_same_model(saved, like, where)
+  # Read in the saved dtype, so the digests compare the bits written; cast to the model's after.
+  abstract = jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.ShapeDtypeStruct(
+          x.shape, saved[tensor_name(p)].dtype if saved else x.dtype, sharding=x.sharding), like)
+  item = {key: {"params": abstract}}
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    out = ckptr.restore(epath.Path(step_dir) / "arrays", args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  params = out[key]["params"]
+  if record is not None:
+    problems = verify(params, record, prefix=prefix)
+    if problems:
+      more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+      raise CheckpointCorruptError(
+          f"{where} is damaged: {problems[0]}{more}; evaluate another step (config.evaluate.step; steps: {steps})")
+  return jax.tree.map(lambda x, l: x.astype(l.dtype) if x.dtype != l.dtype else x, params, like), step

@@ -1,54 +1,23 @@
 """The run configuration: one `ml_collections.ConfigDict` tree, methods chosen by name.
 
 `base_config()` holds every field with the paper's defaults; `configs/*.py` start from it
-and shrink or point it at data. `apply_method(config, name)` switches the peer preset and
-the loss together, so `--config.method=sdpo` is all a user types. `validate(config)` runs
-before any compute and names the offending field.
+and shrink or point it at data. `config.method` names a registered `methods.Method`, which
+brings its peer preset and loss, so `--config.method=sdpo` is all a user types; each method
+family reads its own section (`loss` for distillation, `grpo`, `dpo`, `simpo`).
+`validate(config)` runs before any compute and names the offending field.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import numbers
 import os
 from typing import Any
 
 import jax
 import ml_collections
 
-from mopd_jax import losses, peers, sharding
+from mopd_jax import methods, peers, sharding
+from mopd_jax.fields import ConfigError, Flag, Num, Options, Seq, Text  # noqa: F401  (ConfigError: public here)
 from mopd_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES
-from mopd_jax.train_step import METHOD_KINDS, TEACHER_MODES
-
-
-class ConfigError(ValueError):
-  pass
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """A named training method: which loss runs and which peer preset builds contexts."""
-
-  loss: str  # a train_step.METHOD_KINDS entry
-  peer_preset: str | None = None  # peers.PEER_PRESETS entry (distillation methods only)
-  needs_peers: bool = False  # needs group size >= 2 (peer contexts, group advantages, pairs)
-  needs_external_teacher: bool = False
-
-
-METHODS: dict[str, Method] = {
-    "mopd": Method("distill", "mopd_2s1f", needs_peers=True),
-    "positive_only": Method("distill", "positive_only", needs_peers=True),
-    "sdpo": Method("distill", "sdpo", needs_peers=True),
-    "plain_opd": Method("distill", "plain_opd", needs_external_teacher=True),
-    "random_peer": Method("distill", "random_peer", needs_peers=True),
-    "unrelated_prompt": Method("distill", "unrelated_prompt", needs_peers=True),
-    "success_only_matched": Method("distill", "success_only_matched", needs_peers=True),
-    "grpo": Method("grpo", needs_peers=True),
-    "dpo": Method("dpo", needs_peers=True),
-    "simpo": Method("simpo", needs_peers=True),
-    "verified_sft": Method("sft"),
-}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -77,17 +46,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.mopd = dict(
       preset="",  # "" = the method's preset; explicit overrides below
       overrides=ml_collections.ConfigDict({}, type_safe=False))
-  # mismatch: "" (off) or "mask" (drop tokens whose trainer/sampler ratio leaves [1/2, 2]). No
-  # "tis": is_clip's weight against the sampler's log-probs already is that truncated-IS correction.
-  # agg_norm: the constant that seq-mean-token-sum-norm divides by; 0 = sampling.max_new_tokens.
-  # GRPO clips as the authors' baseline did (verl: clip_ratio_low 0.2, clip_ratio_high 0.28, dual
-  # clip clip_ratio_c 3, no KL); grpo_clip_c = 0 or None turns the dual clip off.
+  # The distillation loss (losses.DistillConfig) and the aggregation every method shares.
+  # top_k / is_clip: 0 = off. mismatch: "" (off) or "mask" (drop tokens whose trainer/sampler
+  # ratio leaves [1/2, 2]); no "tis": is_clip's weight against the sampler's log-probs already is
+  # that truncated-IS correction. agg_norm: the constant seq-mean-token-sum-norm divides by;
+  # 0 = sampling.max_new_tokens. chunk_size: sequence positions per logits chunk (every method).
   c.loss = dict(
       alpha=0.5, top_k=100, use_tail=True, full_logits=True, is_clip=2.0, mismatch="",
-      step_level=False, loss_agg="token-mean", agg_norm=0.0, chunk_size=512,
-      grpo_clip=0.2, grpo_clip_high=0.28, grpo_clip_c=3.0, grpo_kl_coef=0.001, grpo_use_kl=False,
-      grpo_normalize_std=True,
-      dpo_beta=0.1, simpo_beta=2.0, simpo_gamma=1.0)
+      step_level=False, loss_agg="token-mean", agg_norm=0.0, chunk_size=512)
+  # Each baseline's own options (losses.GRPOConfig, DPOConfig, SimPOConfig). GRPO clips as the
+  # authors' baseline did (verl: clip_ratio_low 0.2, clip_ratio_high 0.28, dual clip
+  # clip_ratio_c 3, no KL); clip_c = 0 or None turns the dual clip off.
+  c.grpo = dict(clip_eps=0.2, clip_high=0.28, clip_c=3.0, kl_coef=0.001, use_kl=False, normalize_std=True)
+  c.dpo = dict(beta=0.1, max_pairs_per_group=1)
+  c.simpo = dict(beta=2.0, gamma=1.0, max_pairs_per_group=1)
   # lr: the peak learning rate of every method but dpo and simpo, which train at preference_lr
   # (the authors ran DPO and SimPO at 1e-6, MOPD and GRPO at 1e-5). So --config.optim.lr does not
   # change a dpo/simpo run: set --config.optim.preference_lr there (`learning_rate` picks one).
@@ -124,44 +96,20 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_method(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  if name not in METHODS:
-    raise ConfigError(f"config.method: unknown method {name!r}; known: {sorted(METHODS)}")
+  methods.get(name)  # a clear error for an unknown name
   config.method = name
   return config
 
 
-def method_of(config) -> Method:
-  if config.method not in METHODS:
-    raise ConfigError(f"config.method: unknown method {config.method!r}; known: {sorted(METHODS)}")
-  return METHODS[config.method]
-
-
 def peer_config(config) -> peers.PeerConfig:
-  method = method_of(config)
-  preset = config.mopd.preset or method.peer_preset or "mopd_2s1f"
+  preset = config.mopd.preset or methods.get(config.method).peer_preset or "mopd_2s1f"
   return peers.get_preset(preset, seed=config.seed, **dict(config.mopd.overrides))
 
 
-PREFERENCE_LOSSES = ("dpo", "simpo")  # the methods trained at optim.preference_lr
-
-
 def learning_rate(config) -> float:
-  """The run's peak learning rate: `optim.preference_lr` for DPO and SimPO, `optim.lr` otherwise."""
-  return config.optim.preference_lr if method_of(config).loss in PREFERENCE_LOSSES else config.optim.lr
-
-
-def agg_norm(config) -> float:
-  """The constant of seq-mean-token-sum-norm: `loss.agg_norm`, or the longest response. Not the
-  padded length of the step's batch (verl's default), which follows the response bucket here."""
-  return float(config.loss.agg_norm or config.sampling.max_new_tokens)
-
-
-def distill_config(config) -> losses.DistillConfig:
-  l = config.loss
-  return losses.DistillConfig(
-      alpha=l.alpha, top_k=l.top_k or None, use_tail=l.use_tail, full_logits=l.full_logits,
-      temperature=config.sampling.temperature, is_clip=l.is_clip or None, mismatch=l.mismatch or None,
-      step_level=l.step_level, loss_agg=l.loss_agg, agg_norm=agg_norm(config), chunk_size=l.chunk_size)
+  """The run's peak learning rate, the method's pick: `optim.preference_lr` for DPO and SimPO
+  (`methods.PairwisePreference`), `optim.lr` otherwise."""
+  return methods.get(config.method).learning_rate(config.optim)
 
 
 def _check(ok: bool, field: str, message: str) -> None:
@@ -172,95 +120,10 @@ def _check(ok: bool, field: str, message: str) -> None:
 # ----------------------------------------------------------------------------- per-field rules
 # Each leaf of `base_config()` has a rule: its type and range, checked first in `validate`, so
 # nothing below (or in the run) meets a nan, an inf, a string or a bool where a number belongs.
-# A new field is one line in FIELD_RULES (tests/test_config_validation.py fails for a field
-# without one). Cross-field constraints stay as explicit checks in `validate`.
-
-
-@dataclasses.dataclass(frozen=True)
-class Num:
-  """An int or float field: finite, within [ge / gt, le / lt]; `also`: extra allowed values
-  outside the range (None = off, -1 = inferred mesh axis, ...)."""
-
-  kind: type  # int or float (a float field takes ints too; never bools or strings)
-  ge: float | None = None
-  gt: float | None = None
-  le: float | None = None
-  lt: float | None = None
-  also: tuple = ()
-  doc: str = ""  # the wording of "must be ...", when the derived one says too little
-
-  def describe(self) -> str:
-    if self.doc:
-      return self.doc
-    low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
-    high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
-    if low and high:
-      text = f"in {low}, {high}"
-    else:
-      text = " ".join(x for x in (
-          f">= {self.ge:g}" if self.ge is not None else "", f"> {self.gt:g}" if self.gt is not None else "",
-          f"<= {self.le:g}" if self.le is not None else "", f"< {self.lt:g}" if self.lt is not None else "") if x)
-    text = f"an int {text}" if self.kind is int else f"{text} (a finite number)"
-    also = [repr(a) for a in self.also if a is not None]
-    return " or ".join(also + [text] + (["None"] if None in self.also else []))
-
-  def problem(self, v: Any) -> str | None:
-    if any(v is a or (type(v) is type(a) and v == a) for a in self.also):
-      return None
-    want = numbers.Integral if self.kind is int else numbers.Real
-    if isinstance(v, bool) or not isinstance(v, want) or not math.isfinite(v):
-      return f"must be {self.describe()}, got {v!r}"
-    if ((self.ge is not None and not v >= self.ge) or (self.gt is not None and not v > self.gt)
-        or (self.le is not None and not v <= self.le) or (self.lt is not None and not v < self.lt)):
-      return f"must be {self.describe()}, got {v!r}"
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class Flag:
-  def problem(self, v: Any) -> str | None:
-    return None if isinstance(v, bool) else f"must be True or False, got {v!r}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Text:
-  """A string; `choices` (a callable, so registries are read when validating): its values."""
-
-  choices: Any = None
-
-  def problem(self, v: Any) -> str | None:
-    if not isinstance(v, str):
-      return f"must be a string, got {v!r}"
-    known = tuple(self.choices()) if self.choices else None
-    if known is not None and v not in known:
-      return f"unknown {v!r}; known: {sorted(known)}"
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class Seq:
-  """A tuple or list (not a string) of items obeying `item`."""
-
-  item: Any
-  nonempty: bool = False
-  doc: str = ""
-
-  def problem(self, v: Any) -> str | None:
-    doc = self.doc or f"a {'non-empty ' if self.nonempty else ''}sequence"
-    if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list)) or (self.nonempty and not v):
-      return f"must be {doc}, got {v!r}"
-    for x in v:
-      if self.item.problem(x):
-        return f"must be {doc}, got {tuple(v)!r} (item {x!r}: {self.item.problem(x)})"
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-  """Free-form keyword options, validated by whatever they are passed to."""
-
-  def problem(self, v: Any) -> str | None:
-    return None if isinstance(v, (dict, ml_collections.ConfigDict)) else f"must be a dict of options, got {v!r}"
+# The method sections (`methods.config_fields()`: loss, teacher mode/rate, grpo, dpo, simpo) are
+# validated once, by the methods' typed options; every other field is one line in FIELD_RULES
+# (tests/test_config_validation.py fails for a field with neither). Cross-field constraints stay
+# as explicit checks in `validate`.
 
 
 def _presets() -> tuple[str, ...]:
@@ -277,7 +140,6 @@ _COUNT = Num(int, ge=1)  # sizes, counts, periods that divide
 _NONNEG_INT = Num(int, ge=0)
 _POS = Num(float, gt=0)
 _NONNEG = Num(float, ge=0)
-_UNIT = Num(float, ge=0, le=1)  # [0, 1]
 _PROB = Num(float, gt=0, le=1)  # (0, 1]
 _MOMENT = Num(float, ge=0, lt=1)  # Adam's b1, b2: [0, 1)
 _MESH_AXIS = Num(int, ge=1, also=(-1,))  # -1: the devices left over
@@ -285,24 +147,17 @@ _DTYPE = Text(lambda: ("float32", "bfloat16"))
 _BUCKETS = Seq(_COUNT, nonempty=True, doc="a non-empty sequence of positive ints")
 
 FIELD_RULES: dict[str, Any] = {
-    "method": Text(),  # method_of names the known ones
+    "method": Text(),  # methods.get names the registered ones
     "seed": _NONNEG_INT,
     "model.preset": Text(_presets), "model.checkpoint": Text(), "model.tokenizer": Text(),
     "model.param_dtype": _DTYPE, "model.dtype": _DTYPE, "model.remat": Flag(), "model.remat_policy": Text(),
     "model.scan_layers": Flag(), "model.attention_chunk": _NONNEG_INT, "model.attention_impl": Text(),
-    "teacher.mode": Text(), "teacher.rate": _UNIT, "teacher.external_preset": Text(lambda: ("",) + _presets()),
+    "teacher.external_preset": Text(lambda: ("",) + _presets()),
     "teacher.external_checkpoint": Text(),
     "sampling.group_size": _COUNT, "sampling.temperature": _POS, "sampling.top_p": _PROB,
     "sampling.top_k": Num(int, ge=0, also=(None,)), "sampling.max_new_tokens": _COUNT,
     "sampling.stop_strings": Seq(Text()), "sampling.enable_thinking": Flag(), "sampling.param_layout": Text(),
     "mopd.preset": Text(lambda: ("",) + tuple(peers.PEER_PRESETS)), "mopd.overrides": Options(),
-    "loss.alpha": _UNIT, "loss.top_k": Num(int, ge=0, also=(None,)), "loss.use_tail": Flag(),
-    "loss.full_logits": Flag(), "loss.is_clip": Num(float, ge=0, also=(None,)), "loss.mismatch": Text(),
-    "loss.step_level": Flag(), "loss.loss_agg": Text(), "loss.agg_norm": Num(
-        float, ge=0, also=(None,), doc="> 0 (or 0: sampling.max_new_tokens, or None), a finite number"),
-    "loss.chunk_size": _COUNT, "loss.grpo_clip": _POS, "loss.grpo_clip_high": _POS,
-    "loss.grpo_clip_c": Num(float, ge=0, also=(None,)), "loss.grpo_kl_coef": _NONNEG, "loss.grpo_use_kl": Flag(),
-    "loss.grpo_normalize_std": Flag(), "loss.dpo_beta": _POS, "loss.simpo_beta": _POS, "loss.simpo_gamma": _NONNEG,
     "optim.lr": _POS, "optim.preference_lr": _POS, "optim.warmup_steps": _NONNEG_INT,
     "optim.schedule": Text(lambda: ("constant", "cosine")), "optim.b1": _MOMENT, "optim.b2": _MOMENT,
     "optim.eps": _POS, "optim.weight_decay": _NONNEG, "optim.grad_clip": _NONNEG,  # grad_clip 0: off
@@ -344,24 +199,6 @@ def _check_fields(config) -> None:
            f"must be < distributed.num_processes={d.num_processes}, got {d.process_id}")
 
 
-def _check_loss_options(l) -> None:
-  _check(l.mismatch != "tis", "loss.mismatch",
-         "'tis' is not offered: loss.is_clip's weight min(p_student / p_sampler, is_clip) already is the "
-         "token-level truncated IS correction of the sampler/trainer mismatch (one update per step, so the "
-         "trainer's old policy is the current student; the authors ran verl's rollout_is=token at threshold 2), "
-         "and 'tis' would apply it twice (the weight squared). Set loss.is_clip for its threshold, or "
-         "loss.mismatch='mask' to drop the tokens where sampler and trainer disagree")
-  known = ", ".join(repr(k) for k in sorted(losses.MISMATCH_CORRECTIONS))
-  _check(not l.mismatch or l.mismatch in losses.MISMATCH_CORRECTIONS, "loss.mismatch",
-         f"unknown {l.mismatch!r}; known: '' (off), {known}")
-  _check(l.agg_norm is None or l.agg_norm >= 0, "loss.agg_norm",
-         f"must be > 0 (or 0: sampling.max_new_tokens), got {l.agg_norm}")
-  _check(l.grpo_clip > 0, "loss.grpo_clip", f"must be > 0, got {l.grpo_clip}")
-  _check(l.grpo_clip_high > 0, "loss.grpo_clip_high", f"must be > 0, got {l.grpo_clip_high}")
-  _check(not l.grpo_clip_c or l.grpo_clip_c > 1.0, "loss.grpo_clip_c",
-         f"must be > 1 (dual clip) or 0 / None (off), got {l.grpo_clip_c}")
-
-
 def validate(config, num_devices: int | None = None, *, platform: str | None = None) -> None:
   """Fail before any compute, naming the field.
 
@@ -370,26 +207,12 @@ def validate(config, num_devices: int | None = None, *, platform: str | None = N
   """
   platform = platform or jax.default_backend()
   _check_fields(config)  # types and ranges of every field, before anything reads them
-  method = method_of(config)
-  _check(method.loss in METHOD_KINDS, "method", f"bad loss kind {method.loss}")
-  _check(0.0 <= config.loss.alpha <= 1.0, "loss.alpha", f"must be in [0, 1], got {config.loss.alpha}")
-  _check(config.loss.full_logits or config.loss.alpha == 1.0, "loss.full_logits",
-         "sampled-token mode (full_logits=False) requires loss.alpha=1")
-  _check(config.loss.loss_agg in losses.LOSS_AGGREGATIONS, "loss.loss_agg",
-         f"unknown {config.loss.loss_agg!r}; known: {sorted(losses.LOSS_AGGREGATIONS)}")
-  _check_loss_options(config.loss)
-  _check(config.teacher.mode in TEACHER_MODES, "teacher.mode",
-         f"unknown {config.teacher.mode!r}; known: {TEACHER_MODES}")
-  _check(0.0 <= config.teacher.rate <= 1.0, "teacher.rate", f"must be in [0, 1], got {config.teacher.rate}")
-  if method.needs_external_teacher:
-    _check(config.teacher.mode == "external", "teacher.mode",
-           f"method {config.method!r} needs teacher.mode='external' (the teacher sees only the prompt)")
+  methods.check_every_method_options(config)  # the method sections, by the typed options
+  methods.from_config(config).check_run(config)
   if config.teacher.mode == "external":
     _check(bool(config.teacher.external_preset), "teacher.external_preset", "required for teacher.mode='external'")
   g = config.sampling.group_size
   _check(g >= 1, "sampling.group_size", f"must be >= 1, got {g}")
-  if method.needs_peers:
-    _check(g >= 2, "sampling.group_size", f"method {config.method!r} needs >= 2 rollouts per prompt, got {g}")
   _check(config.sampling.temperature > 0, "sampling.temperature",
          "must be > 0 for training (log-probs are taken at the sampling temperature)")
   _check(0.0 < config.sampling.top_p <= 1.0, "sampling.top_p", f"must be in (0, 1], got {config.sampling.top_p}")

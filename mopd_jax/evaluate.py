@@ -45,7 +45,8 @@ import numpy as np
 from flax import nnx
 
 from mopd_jax import checkpointing, config_lib, sharding, trainer
-from mopd_jax.analysis.diversity import Diversity, group_diversity, mean_diversity
+from mopd_jax.diversity import Diversity, group_diversity, mean_diversity
+from mopd_jax.logging_lib import quiet_library_logs
 from mopd_jax.passk import PassAtK, aggregate_pass_at_k, pass_at_k
 from mopd_jax.tokenizer import Tokenizer
 from mopd_jax.types import Example, Message, Verdict
@@ -239,80 +240,20 @@ class ProgressBar:
 # ---------------------------------------------------------------------------- loading
 
 
-def _is_orbax_run(path: pathlib.Path) -> bool:
-  return path.is_dir() and any(p.is_dir() and p.name.isdigit() and (p / "arrays").is_dir() for p in path.iterdir())
-
-
-def _is_orbax_params(path: pathlib.Path) -> bool:
-  return path.is_dir() and (path / "_CHECKPOINT_METADATA").exists() and not (path / "config.json").exists()
-
-
-def restore_run_params(directory: str | os.PathLike, like: nnx.State, *, step: Optional[int] = None,
-                       which: str = "student") -> tuple[nnx.State, int]:
-  """Params from a `checkpointing.RunCheckpointer` directory (latest step by default).
-
-  Partial restore: only `state.params` (student) or `teacher.params` is read, so neither the
-  optimizer state's structure nor the training config is needed. Verified against the step's
-  checksums (a damaged step raises, naming the tensor: no silent fallback to another step).
-  """
-  import orbax.checkpoint as ocp
-
-  if which not in ("student", "teacher"):
-    raise ValueError(f"config.evaluate.params must be 'student' or 'teacher', got {which!r}")
-  root = pathlib.Path(directory).absolute()
-  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "arrays").is_dir())
-  if not steps:
-    raise FileNotFoundError(f"no finished checkpoint step in {root}")
-  step = steps[-1] if step is None or step < 0 else step
-  if step not in steps:
-    raise FileNotFoundError(f"config.evaluate.step: no step {step} in {root}; steps: {steps}")
-  key = "state" if which == "student" else "teacher"
-  prefix = f"{key}.params"
-  where = f"{root} step {step}"
-  try:
-    record = checkpointing.read_checksums(root / str(step))  # None: saved before checksums existed
-  except Exception as e:
-    raise checkpointing.CheckpointCorruptError(
-        f"{where}: checksums unreadable ({type(e).__name__}: {e}); evaluate another step (config.evaluate.step; "
-        f"steps: {steps})") from None
-  saved = {} if record is None else {
-      n[len(prefix) + 1:]: jax.ShapeDtypeStruct(tuple(v["shape"]), v["dtype"])
-      for n, v in record.get("arrays", {}).items() if n.startswith(prefix + ".")}
-  if saved:
-    checkpointing.check_same_model(saved, like, where)
-  # Read in the saved dtype, so the digests compare the bits written; cast to the model's after.
-  abstract = jax.tree_util.tree_map_with_path(
-      lambda p, x: jax.ShapeDtypeStruct(
-          x.shape, saved[checkpointing.tensor_name(p)].dtype if saved else x.dtype, sharding=x.sharding), like)
-  item = {key: {"params": abstract}}
-  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), item)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    out = ckptr.restore(root / str(step) / "arrays", args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-  params = out[key]["params"]
-  if record is not None:
-    problems = checkpointing.verify(params, record, prefix=prefix)
-    if problems:
-      more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-      raise checkpointing.CheckpointCorruptError(
-          f"{where} is damaged: {problems[0]}{more}; evaluate another step (config.evaluate.step; steps: {steps})")
-  return jax.tree.map(lambda x, l: x.astype(l.dtype) if x.dtype != l.dtype else x, params, like), step
-
-
 def load_model(config, checkpoint: str = "", *, which: str = "student", step: Optional[int] = None
                ) -> tuple[nnx.GraphDef, nnx.State, Tokenizer, str]:
   """(graphdef, params, tokenizer, description) for `checkpoint` (see the module docstring)."""
   m = config.model
   path = pathlib.Path(checkpoint) if checkpoint else None
-  orbax_run = path is not None and _is_orbax_run(path)
-  orbax_params = path is not None and not orbax_run and _is_orbax_params(path)
+  orbax_run = path is not None and checkpointing.is_run_dir(path)
+  orbax_params = path is not None and not orbax_run and checkpointing.is_params_dir(path)
   base = m.checkpoint if (orbax_run or orbax_params or not checkpoint) else checkpoint
   model, tokenizer = trainer.load_model_and_tokenizer(m.preset, base, m.tokenizer, m.param_dtype, m.dtype,
                                                       config.seed)
   graphdef, params = nnx.split(model, nnx.Param)
   description = base or f"random {m.preset}"
   if orbax_run:
-    params, restored_step = restore_run_params(path, params, step=step, which=which)
+    params, restored_step = checkpointing.restore_run_params(path, params, step=step, which=which)
     description = f"{path} (step {restored_step}, {which} params; structure from {description})"
   elif orbax_params:
     params = checkpointing.restore_params(path, params)
@@ -529,12 +470,11 @@ def run() -> None:
   from absl import app, flags
   from ml_collections import config_flags
 
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if root not in sys.path:  # configs/*.py import `configs` and `mopd_jax`
-    sys.path.insert(0, root)
-  config = config_flags.DEFINE_config_file(
-      "config", os.path.join(root, "configs", "evaluate.py"), "Evaluation configuration (a get_config file).",
-      lock_config=False)
+  import configs
+
+  default = os.path.join(os.path.dirname(configs.__file__), "evaluate.py")
+  config = config_flags.DEFINE_config_file("config", default, "Evaluation configuration (a get_config file).",
+                                           lock_config=False)
   flags.DEFINE_string("checkpoint", "", "GGUF / HF dir / 'smollm2-gguf' / orbax run or params dir.")
   flags.DEFINE_string("task", "", "Task name (mopd_jax.tasks registry); resets config.data.options.")
   flags.DEFINE_string("task_options", "", "JSON object of task options, e.g. '{\"dataset\": \"countdown\"}'.")
@@ -545,6 +485,7 @@ def run() -> None:
 
   def main(argv) -> None:
     del argv
+    quiet_library_logs()
     cfg = config.value
     _apply_flags(cfg, flags.FLAGS)
     summary, _, paths = evaluate(cfg)

@@ -36,7 +36,7 @@ import dataclasses
 from typing import Optional
 
 from mopd_jax.models import ModelConfig
-from mopd_jax.train_step import DISTILL, StepConfig
+from mopd_jax.train_step import StepConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +94,13 @@ def train_step_flops(cfg: ModelConfig, shape: TrainShape, step: StepConfig = Ste
   head = head_flops(cfg, b * r)
   student_forward = forward_flops(cfg, b, shape.student_len)
   student = 3.0 * (student_forward + head)
-  if step.loss == DISTILL:
-    t_cfg = teacher_cfg if step.teacher_mode == "external" and teacher_cfg is not None else cfg
-    forwards = 2 if step.teacher_mode == "trust_region" else 1
-    teacher = forwards * (forward_flops(t_cfg, b, shape.teacher_len) + head_flops(t_cfg, b * r))
-  elif step.needs_teacher:  # the reference model on the student rows
-    teacher = student_forward + head
-  else:
-    teacher = 0.0
+  method = step.method
+  t_cfg = teacher_cfg if method.external_teacher and teacher_cfg is not None else cfg
+  # Teacher-context forwards (distillation: 1, trust region: 2) and a reference forward on the
+  # student rows (GRPO with KL, DPO).
+  teacher = method.teacher_context_forwards * (forward_flops(t_cfg, b, shape.teacher_len) + head_flops(t_cfg, b * r))
+  if method.reference_forward:
+    teacher += student_forward + head
   recompute = head + (student_forward if cfg.remat else 0.0)
   return TrainFlops(student=student, teacher=teacher, recompute=recompute)
 
@@ -109,9 +108,8 @@ def train_step_flops(cfg: ModelConfig, shape: TrainShape, step: StepConfig = Ste
 def teacher_score_flops(cfg: ModelConfig, rows: int, teacher_len: int, step: StepConfig = StepConfig(),
                         teacher_cfg: Optional[ModelConfig] = None) -> float:
   """The teacher side of a distillation step alone, to the final hidden states."""
-  t_cfg = teacher_cfg if step.teacher_mode == "external" and teacher_cfg is not None else cfg
-  forwards = 2 if step.teacher_mode == "trust_region" else 1
-  return forwards * forward_flops(t_cfg, rows, teacher_len)
+  t_cfg = teacher_cfg if step.method.external_teacher and teacher_cfg is not None else cfg
+  return step.method.teacher_context_forwards * forward_flops(t_cfg, rows, teacher_len)
 
 
 def prefill_flops(cfg: ModelConfig, prompts: int, prompt_len: int) -> float:

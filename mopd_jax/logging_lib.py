@@ -28,6 +28,17 @@ def flatten_metrics(metrics: Any, prefix: str = "") -> dict[str, float]:
   return out
 
 
+def quiet_library_logs() -> None:
+  """Library INFO logs (orbax's ~30 lines per checkpoint, absl's) off, warnings on, unless the
+  command line gave absl's --verbosity / -v. Call inside an absl main: app.run sets INFO when
+  the flag is absent."""
+  from absl import flags
+  from absl import logging as absl_logging
+
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def _json_safe(x: Any) -> Any:
   return None if isinstance(x, float) and not math.isfinite(x) else x
 

@@ -4,7 +4,7 @@ Everything here is a pure function of arrays; nothing depends on a model. Layout
 
 1. Divergences on log-prob vectors over categories: `generalized_jsd` (forward KL at
    alpha = 0, reverse KL at alpha = 1, generalised JSD in between), top-k categories with
-   a tail or renormalised, `token_divergence`.
+   a tail or renormalised.
 2. Per-token statistics from logits (`token_stats`) and the memory-safe version from final
    hidden states and unembedding matrices (`chunked_token_stats`): logits are formed one
    sequence chunk at a time under `jax.checkpoint`, so neither the forward nor the backward
@@ -12,9 +12,11 @@ Everything here is a pure function of arrays; nothing depends on a model. Layout
 3. Token weights and masks: importance weight, sampler/trainer mismatch correction,
    step-level averaging.
 4. Aggregation registry (`LOSS_AGGREGATIONS`) and each mode's count (`AGG_DENOMINATORS`).
-5. The MOPD loss (`mopd_distill_loss`, `mopd_loss_from_stats`).
-6. Baselines on per-token log-probs (`BASELINE_LOSSES`: GRPO, DPO, SimPO, SFT), the host
-   helper that builds preference pairs, and `chunked_target_logp` to get those log-probs.
+5. The MOPD loss on those statistics (`mopd_loss_from_stats`).
+6. Baselines on per-token log-probs (`grpo_loss`, `dpo_loss`, `simpo_loss`, `sft_loss`), the
+   in-jit preference pairs, and `chunked_target_logp` to get those log-probs.
+
+Which loss a method trains with is decided once, by its object in `mopd_jax.methods`.
 
 Conventions: `hidden[:, t]` predicts `targets[:, t]` (the caller shifts); masks are 0/1
 floats or bools; log-probs are taken at the sampling temperature (logits / temperature),
@@ -24,15 +26,17 @@ for student and teacher alike. Log-probs must be finite (no -inf logits).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
+
+from mopd_jax import fields
 
 Array = jax.Array
 PyTree = Any
@@ -121,16 +125,6 @@ def topk_categories(student_logp: Array, teacher_logp: Array, ids: Array, use_ta
   else:
     s, t = jax.nn.log_softmax(s, axis=-1), jax.nn.log_softmax(t, axis=-1)
   return s, t
-
-
-def token_divergence(
-    student_logp: Array, teacher_logp: Array, *, alpha: float, top_k: int | None = 100, use_tail: bool = True,
-) -> Array:
-  """Divergence per position from full log-prob vectors [..., V] (small vocabularies, tests)."""
-  if top_k is not None:
-    ids = student_topk_ids(student_logp, top_k)
-    student_logp, teacher_logp = topk_categories(student_logp, teacher_logp, ids, use_tail)
-  return generalized_jsd(student_logp, teacher_logp, alpha)
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,30 +396,6 @@ def mismatch_mask(trainer_logp: Array, sampler_logp: Array, threshold: float = 2
   return jnp.ones_like(r), keep
 
 
-def step_ids_from_separators(is_separator: Array) -> Array:
-  """Step index per token [B, T] from separator flags: a separator closes its own step."""
-  sep = is_separator.astype(jnp.int32)
-  return jnp.cumsum(sep, axis=-1) - sep
-
-
-def separator_flags(token_texts: Sequence[str], separator: str = "\n\n") -> np.ndarray:
-  """Host helper: which tokens end an occurrence of `separator` in the decoded text.
-
-  Works whatever the tokenizer does with the separator (one token, glued to text, split in
-  two): occurrences are found in the concatenated text and flagged on the token holding
-  their last character.
-  """
-  ends = np.cumsum([len(s) for s in token_texts])  # exclusive end offset of each token
-  text = "".join(token_texts)
-  flags = np.zeros(len(token_texts), dtype=bool)
-  start = text.find(separator)
-  while start >= 0:
-    last = start + len(separator) - 1
-    flags[np.searchsorted(ends, last, side="right")] = True
-    start = text.find(separator, start + len(separator))
-  return flags
-
-
 def step_mean(per_token: Array, step_ids: Array, mask: Array) -> Array:
   """Replace each token's value by the masked mean over its step (same row, same step id)."""
   mask = mask.astype(per_token.dtype)
@@ -592,32 +562,29 @@ class DistillConfig:
   chunk_size: int = 512
 
   def __post_init__(self):
-    if not 0.0 <= self.alpha <= 1.0:
-      raise ValueError(f"DistillConfig.alpha must be in [0, 1], got {self.alpha}")
+    fields.check(self, _DISTILL_RULES)
+    problem = functools.partial(fields.FieldError, "DistillConfig")
     if not self.full_logits and self.alpha != 1.0:
-      raise ValueError(f"DistillConfig.full_logits=False (sampled-token mode) needs alpha=1, got {self.alpha}")
-    if self.top_k is not None and self.top_k < 1:
-      raise ValueError(f"DistillConfig.top_k must be >= 1 or None, got {self.top_k}")
-    if self.temperature <= 0:
-      raise ValueError(f"DistillConfig.temperature must be > 0, got {self.temperature}")
-    if self.is_clip is not None and self.is_clip <= 0:
-      raise ValueError(f"DistillConfig.is_clip must be > 0 or None, got {self.is_clip}")
+      raise problem("full_logits", f"False (sampled-token mode) needs alpha=1, got alpha={self.alpha}")
     if self.mismatch == "tis":
-      raise ValueError(
-          "DistillConfig.mismatch='tis' is not offered: the importance weight min(p_student / p_sampler, is_clip) "
-          "already is the token-level truncated IS correction (one update per batch: the trainer's old policy is "
-          "the current student), so 'tis' would apply it twice (the weight squared). Set is_clip for its "
-          "threshold; mismatch='mask' drops the tokens where sampler and trainer disagree instead")
+      raise problem("mismatch",
+          "'tis' is not offered: the importance weight min(p_student / p_sampler, is_clip) already is the "
+          "token-level truncated IS correction of the sampler/trainer mismatch (one update per step, so the "
+          "trainer's old policy is the current student; the authors ran verl's rollout_is=token at threshold 2), "
+          "and 'tis' would apply it twice (the weight squared). Set is_clip for its threshold, or "
+          "mismatch='mask' to drop the tokens where sampler and trainer disagree")
     if self.mismatch is not None and self.mismatch not in MISMATCH_CORRECTIONS:
-      raise ValueError(f"DistillConfig.mismatch: unknown {self.mismatch!r}; known: {sorted(MISMATCH_CORRECTIONS)}")
-    if self.mismatch_threshold <= 1.0:
-      raise ValueError(f"DistillConfig.mismatch_threshold must be > 1, got {self.mismatch_threshold}")
-    if self.loss_agg not in LOSS_AGGREGATIONS:
-      raise ValueError(f"DistillConfig.loss_agg: unknown {self.loss_agg!r}; known: {sorted(LOSS_AGGREGATIONS)}")
-    if self.agg_norm is not None and self.agg_norm <= 0:
-      raise ValueError(f"DistillConfig.agg_norm must be > 0 or None, got {self.agg_norm}")
-    if self.chunk_size < 1:
-      raise ValueError(f"DistillConfig.chunk_size must be >= 1, got {self.chunk_size}")
+      known = ", ".join(repr(k) for k in sorted(MISMATCH_CORRECTIONS))
+      raise problem("mismatch", f"unknown {self.mismatch!r}; known: '' (off), {known}")
+
+
+_DISTILL_RULES = {
+    "alpha": fields.UNIT, "top_k": fields.Num(int, ge=1, also=(None,)), "use_tail": fields.Flag(),
+    "full_logits": fields.Flag(), "temperature": fields.POS, "is_clip": fields.Num(float, gt=0, also=(None,)),
+    "mismatch": fields.Text(also=(None,)), "mismatch_threshold": fields.Num(float, gt=1),
+    "step_level": fields.Flag(), "loss_agg": fields.Text(lambda: LOSS_AGGREGATIONS),
+    "agg_norm": fields.Num(float, gt=0, also=(None,)), "chunk_size": fields.COUNT,
+}
 
 
 @flax.struct.dataclass
@@ -635,7 +602,7 @@ class DistillBatch:
   distill_mask: Array  # [B] (or [B, T]) 0: the rollout's teacher context got no peer and no feedback
   old_logp: Array | None = None  # [B, T]
   trainer_old_logp: Array | None = None  # [B, T]
-  step_ids: Array | None = None  # [B, T] int, for step_level (`step_ids_from_separators`)
+  step_ids: Array | None = None  # [B, T] int, for step_level (`batching.step_ids_from_text_offsets`)
 
 
 @flax.struct.dataclass
@@ -739,31 +706,23 @@ def mopd_loss_from_stats(
   return loss, metrics
 
 
+def distill_token_stats(
+    student_hidden: Array, teacher_hidden: PyTree, student_unembed: Array, teacher_unembed: PyTree, targets: Array,
+    config: DistillConfig, teacher_logit_fn: TeacherLogitFn | None = None,
+) -> TokenStats:
+  """`chunked_token_stats` with the options of `config`: the per-token values the MOPD loss
+  (`mopd_loss_from_stats`) reads. Gradients reach the student's hidden states and unembedding only."""
+  return chunked_token_stats(
+      student_hidden, teacher_hidden, student_unembed, teacher_unembed, targets,
+      top_k=config.top_k if config.full_logits else None, use_tail=config.use_tail, alpha=config.alpha,
+      temperature=config.temperature, chunk_size=config.chunk_size, full_logits=config.full_logits,
+      teacher_logit_fn=teacher_logit_fn)
+
+
 def mopd_loss_denominator(stats: TokenStats, batch: DistillBatch, config: DistillConfig) -> Array:
   """The count `mopd_loss_from_stats` divides by on this batch (no gradient). With
   `mismatch="mask"` it depends on the student's log-probs (`stats.student_logp`)."""
   return lax.stop_gradient(agg_denominator(config.loss_agg, _mopd_terms(stats, batch, config).mask))
-
-
-def mopd_distill_loss(
-    student_hidden: Array,
-    student_unembed: Array,
-    teacher_hidden: PyTree,
-    teacher_unembed: PyTree,
-    batch: DistillBatch,
-    config: DistillConfig,
-    teacher_logit_fn: TeacherLogitFn | None = None,
-) -> tuple[Array, DistillMetrics]:
-  """MOPD loss from final hidden states (student under the plain prompt, teacher under the
-  peer context, both aligned on the response tokens) with mask response_mask * distill_mask.
-  Gradients flow to the student's hidden states and unembedding only.
-  """
-  stats = chunked_token_stats(
-      student_hidden, teacher_hidden, student_unembed, teacher_unembed, batch.targets,
-      top_k=config.top_k if config.full_logits else None, use_tail=config.use_tail, alpha=config.alpha,
-      temperature=config.temperature, chunk_size=config.chunk_size, full_logits=config.full_logits,
-      teacher_logit_fn=teacher_logit_fn)
-  return mopd_loss_from_stats(stats, batch, config)
 
 
 # ---------------------------------------------------------------------------------------
@@ -772,11 +731,7 @@ def mopd_distill_loss(
 # Each takes the current policy's per-token log-probs `logp` [B, T] (with gradient; see
 # `chunked_target_logp`), a typed batch, a static config and an optional `denominator` (the
 # count to divide by instead of this batch's, as in `aggregate_loss`); returns (loss, metrics).
-# `BASELINE_DENOMINATORS[name](batch, config)` is that count on a batch (no gradient).
-
-BaselineFn = Callable[..., tuple[Array, Any]]
-BASELINE_LOSSES: dict[str, BaselineFn] = {}
-BASELINE_DENOMINATORS: dict[str, Callable[[Any, Any], Array]] = {}
+# Each `*_denominator(batch, config)` is that count on a batch (no gradient).
 
 
 def group_advantages(rewards: Array, *, normalize_std: bool = True, eps: float = 1e-6) -> Array:
@@ -804,16 +759,17 @@ class GRPOConfig:
   # policy now makes far likelier than the sampler did cannot push with an unbounded ratio. None: off.
   clip_c: float | None = 3.0
   kl_coef: float = 0.001  # k3 KL to the reference; used when GRPOBatch.ref_logp is given
+  use_kl: bool = False  # the step runs the reference model and passes GRPOBatch.ref_logp
+  normalize_std: bool = True  # advantages divided by the group's std (`group_advantages`)
   loss_agg: str = "token-mean"
   agg_norm: float | None = None
 
   def __post_init__(self):
-    if self.clip_eps <= 0:
-      raise ValueError(f"GRPOConfig.clip_eps must be > 0, got {self.clip_eps}")
-    if self.clip_high <= 0:
-      raise ValueError(f"GRPOConfig.clip_high must be > 0, got {self.clip_high}")
-    if self.clip_c is not None and self.clip_c <= 1.0:
-      raise ValueError(f"GRPOConfig.clip_c must be > 1 (dual clip) or None (off), got {self.clip_c}")
+    fields.check(self, {
+        "clip_eps": fields.POS, "clip_high": fields.POS,
+        "clip_c": fields.Num(float, gt=1, also=(None,), doc="> 1 (dual clip) or None (off), a finite number"),
+        "kl_coef": fields.NONNEG, "use_kl": fields.Flag(), "normalize_std": fields.Flag(),
+        "loss_agg": fields.Text(lambda: LOSS_AGGREGATIONS), "agg_norm": fields.Num(float, gt=0, also=(None,))})
 
 
 @flax.struct.dataclass
@@ -840,7 +796,6 @@ def k3_kl(logp: Array, ref_logp: Array) -> Array:
   return jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
 
 
-@_register(BASELINE_LOSSES, "grpo")
 def grpo_loss(
     logp: Array, batch: GRPOBatch, config: GRPOConfig = GRPOConfig(), denominator: Array | float | None = None,
 ) -> tuple[Array, GRPOMetrics]:
@@ -874,34 +829,8 @@ def grpo_loss(
   return loss, metrics
 
 
-@_register(BASELINE_DENOMINATORS, "grpo")
 def grpo_loss_denominator(batch: GRPOBatch, config: GRPOConfig = GRPOConfig()) -> Array:
   return agg_denominator(config.loss_agg, batch.response_mask)
-
-
-def build_preference_pairs(
-    rewards: np.ndarray, max_pairs_per_group: int = 1, min_margin: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Host: (chosen, rejected, pair_mask), each [num_groups * max_pairs_per_group].
-
-  rewards [num_groups, G]; rollout (g, i) has flat index g * G + i. Per group, the j-th best
-  rollout is paired with the j-th worst (j < max_pairs_per_group, best above worst), kept
-  when its reward exceeds the other's by more than `min_margin`. Ties keep index order, so
-  pairs are deterministic. Unused slots are padding (mask 0, indices 0): fixed shapes.
-  """
-  rewards = np.asarray(rewards, dtype=np.float64)
-  groups, g = rewards.shape
-  n = groups * max_pairs_per_group
-  chosen, rejected = np.zeros(n, np.int32), np.zeros(n, np.int32)
-  mask = np.zeros(n, np.float32)
-  for grp in range(groups):
-    order = np.argsort(-rewards[grp], kind="stable")  # best first
-    for j in range(min(max_pairs_per_group, g // 2)):
-      hi, lo = order[j], order[g - 1 - j]
-      if rewards[grp, hi] - rewards[grp, lo] > min_margin:
-        slot = grp * max_pairs_per_group + j
-        chosen[slot], rejected[slot], mask[slot] = grp * g + hi, grp * g + lo, 1.0
-  return chosen, rejected, mask
 
 
 @flax.struct.dataclass
@@ -913,15 +842,43 @@ class PreferenceBatch:
   ref_seq_logp: Array | None = None  # [B] reference model's summed response log-prob (DPO)
 
 
+def preference_pairs(rewards: Array, group_size: int, max_pairs_per_group: int = 1) -> tuple[Array, Array, Array]:
+  """(chosen, rejected, pair_mask), each [num_groups * pairs] with pairs = min(max_pairs_per_group, G // 2).
+
+  rewards [B] with B = num_groups * G, rollout (g, i) at flat index g * G + i. Per group the
+  j-th best rollout is paired with the j-th worst; a pair is real (mask 1) when the better one's
+  reward is strictly higher. Ties keep index order (stable sort): pairs are deterministic.
+  """
+  g = group_size
+  rewards = rewards.reshape(-1, g)
+  order = jnp.argsort(-rewards, axis=1, stable=True)  # best first
+  base = (jnp.arange(rewards.shape[0]) * g)[:, None]
+  pairs = min(max_pairs_per_group, g // 2)
+  hi, lo = order[:, :pairs], order[:, ::-1][:, :pairs]
+  margin = jnp.take_along_axis(rewards, hi, 1) - jnp.take_along_axis(rewards, lo, 1)
+  return (base + hi).reshape(-1), (base + lo).reshape(-1), (margin > 0).astype(jnp.float32).reshape(-1)
+
+
+_PAIRS_RULE = fields.COUNT
+
+
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
   beta: float = 0.1
+  max_pairs_per_group: int = 1  # best j-th vs worst j-th rollout, j < this (and < G / 2)
+
+  def __post_init__(self):
+    fields.check(self, {"beta": fields.POS, "max_pairs_per_group": _PAIRS_RULE})
 
 
 @dataclasses.dataclass(frozen=True)
 class SimPOConfig:
   beta: float = 2.0
   gamma: float = 1.0  # target reward margin (SimPO paper: gamma / beta = 0.5)
+  max_pairs_per_group: int = 1
+
+  def __post_init__(self):
+    fields.check(self, {"beta": fields.POS, "gamma": fields.NONNEG, "max_pairs_per_group": _PAIRS_RULE})
 
 
 @flax.struct.dataclass
@@ -946,7 +903,6 @@ def _pair_loss(margin: Array, pair_mask: Array, denominator: Array | float | Non
       accuracy=masked_mean((sg(margin) > 0).astype(margin.dtype), m), num_pairs=jnp.sum(m))
 
 
-@_register(BASELINE_LOSSES, "dpo")
 def dpo_loss(
     logp: Array, batch: PreferenceBatch, config: DPOConfig = DPOConfig(), denominator: Array | float | None = None,
 ) -> tuple[Array, PreferenceMetrics]:
@@ -958,7 +914,6 @@ def dpo_loss(
   return _pair_loss(margin, batch.pair_mask, denominator)
 
 
-@_register(BASELINE_LOSSES, "simpo")
 def simpo_loss(
     logp: Array, batch: PreferenceBatch, config: SimPOConfig = SimPOConfig(),
     denominator: Array | float | None = None,
@@ -970,8 +925,6 @@ def simpo_loss(
   return _pair_loss(margin, batch.pair_mask, denominator)
 
 
-@_register(BASELINE_DENOMINATORS, "simpo")
-@_register(BASELINE_DENOMINATORS, "dpo")
 def pair_loss_denominator(batch: PreferenceBatch, config: Any = None) -> Array:
   """Real pairs: the denominator of DPO and SimPO."""
   return jnp.sum(batch.pair_mask.astype(jnp.float32))
@@ -995,7 +948,6 @@ class SFTMetrics:
   num_sequences: Array
 
 
-@_register(BASELINE_LOSSES, "sft")
 def sft_loss(
     logp: Array, batch: SFTBatch, config: SFTConfig = SFTConfig(), denominator: Array | float | None = None,
 ) -> tuple[Array, SFTMetrics]:
@@ -1006,7 +958,6 @@ def sft_loss(
   return loss, SFTMetrics(loss=lax.stop_gradient(loss), num_tokens=jnp.sum(mask), num_sequences=jnp.sum(success))
 
 
-@_register(BASELINE_DENOMINATORS, "sft")
 def sft_loss_denominator(batch: SFTBatch, config: SFTConfig = SFTConfig()) -> Array:
   success = batch.success.astype(jnp.float32)
   return token_count(batch.response_mask.astype(jnp.float32) * success[:, None])

@@ -6,14 +6,13 @@ Without --config it runs the main job (configs/default.py).
 from __future__ import annotations
 
 import os
-import sys
-
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _main(config) -> None:
   from mopd_jax import trainer
+  from mopd_jax.logging_lib import quiet_library_logs
 
+  quiet_library_logs()
   summary = trainer.train(config)
   print(f"\n[mopd] finished {summary.steps} steps; logs in {summary.log_dir}")
   if summary.before is not None and summary.after is not None:
@@ -28,11 +27,11 @@ def run() -> None:
   from absl import app
   from ml_collections import config_flags
 
-  if _REPO_ROOT not in sys.path:  # configs/*.py import `configs` and `mopd_jax`
-    sys.path.insert(0, _REPO_ROOT)
-  config = config_flags.DEFINE_config_file(
-      "config", os.path.join(_REPO_ROOT, "configs", "default.py"), "Run configuration (a get_config file).",
-      lock_config=True)
+  import configs
+
+  default = os.path.join(os.path.dirname(configs.__file__), "default.py")
+  config = config_flags.DEFINE_config_file("config", default, "Run configuration (a get_config file).",
+                                           lock_config=True)
   app.run(lambda argv: _main(config.value))
 
 

@@ -11,6 +11,11 @@ so the rendered prompt is byte-identical to what the model was trained on.
 
 `encode` adds no BOS/EOS unless asked (`add_special_tokens=True`): chat templates write their
 own, and prompts built from templates are the common case here.
+
+A GGUF file's tokenizer is rebuilt here from its `tokenizer.ggml.*` metadata (byte-level BPE
+vocabulary, merges, token types, special ids, the pre-tokenizer named by `tokenizer.ggml.pre`)
+as a HF `tokenizers.Tokenizer`, with the chat template from `tokenizer.chat_template`. The file
+is read by `mopd_jax.gguf_reader`, which the weights import too: this module imports no weights.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
 import jinja2.utils
+
+from mopd_jax.gguf_reader import metadata, open_gguf
 
 PathLike = Union[str, os.PathLike]
 Messages = Sequence[Any]  # dicts with "role"/"content", or objects with `as_dict()` (types.Message)
@@ -495,6 +502,118 @@ def load_sentencepiece_tokenizer(path: PathLike, *, chat_template: Optional[str]
 
 
 # --------------------------------------------------------------------------------------------
+# GGUF (llama.cpp): rebuilt from the file's `tokenizer.ggml.*` metadata
+
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _pre_gpt2():
+  from tokenizers import pre_tokenizers
+  return None, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _pre_digits_then_gpt2():
+  # llama.cpp: regexes "\p{N}" then GPT-2's, i.e. every digit on its own (StarCoder, SmolLM).
+  from tokenizers import pre_tokenizers
+  return None, pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+
+
+def _pre_split(regex: str, nfc: bool = False):
+  def build():
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    return (normalizers.NFC() if nfc else None), pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  return build
+
+
+# tokenizer.ggml.pre -> (normalizer, pre-tokenizer), following llama.cpp's llama-vocab.cpp.
+PRE_TOKENIZERS: dict[str, Callable[[], tuple[Any, Any]]] = {
+    **dict.fromkeys(("default", "gpt2", "mpt", "olmo", "jais"), _pre_gpt2),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"),
+                    _pre_digits_then_gpt2),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe", "pixtral"),
+                    _pre_split(_LLAMA3_SPLIT)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), _pre_split(_QWEN2_SPLIT, nfc=True)),
+}
+
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+
+
+def tokenizer_from_gguf_metadata(
+    meta: Mapping[str, Any], tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int],
+) -> HFTokenizer:
+  """A byte-level BPE tokenizer (`tokenizer.ggml.model == "gpt2"`) from GGUF metadata."""
+  from tokenizers import AddedToken, decoders, models, processors
+  from tokenizers import Tokenizer as Backend  # not this module's Tokenizer
+
+  kind = meta.get("tokenizer.ggml.model")
+  if kind != "gpt2":
+    raise ValueError(f"GGUF: tokenizer.ggml.model {kind!r} is not supported (byte-level BPE 'gpt2' only)")
+  pre = meta.get("tokenizer.ggml.pre", "default")
+  if pre not in PRE_TOKENIZERS:
+    raise ValueError(f"GGUF: unknown pre-tokenizer tokenizer.ggml.pre={pre!r}; known: {sorted(PRE_TOKENIZERS)}")
+  types = list(token_types) or [_NORMAL] * len(tokens)
+  vocab = {tok: i for i, tok in enumerate(tokens)}
+  bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False,
+                   continuing_subword_prefix="", end_of_word_suffix="")
+  backend = Backend(bpe)
+  normalizer, pre_tokenizer = PRE_TOKENIZERS[pre]()
+  if normalizer is not None:
+    backend.normalizer = normalizer
+  backend.pre_tokenizer = pre_tokenizer
+  backend.decoder = decoders.ByteLevel()
+  # Control tokens (<|im_start|>, ...) are matched whole and are special; user-defined ones
+  # (e.g. <think>) are matched whole but decoded like text. Same ids as the vocabulary.
+  backend.add_special_tokens(
+      [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL])
+  backend.add_tokens(
+      [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
+
+  def token(key: str) -> Optional[str]:
+    i = meta.get(f"tokenizer.ggml.{key}")
+    return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+  bos = token("bos_token_id")
+  add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+  if add_bos and bos is not None:
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+  extra_eos = [meta.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
+  return HFTokenizer(
+      backend=backend,
+      chat_template=meta.get("tokenizer.chat_template"),
+      bos_token=bos,
+      eos_token=token("eos_token_id"),
+      pad_token=token("padding_token_id"),
+      unk_token=token("unknown_token_id"),
+      extra_eos_ids=tuple(int(i) for i in extra_eos if i is not None),
+      add_bos_token=add_bos,
+      add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+  )
+
+
+def load_gguf_tokenizer(path: PathLike) -> HFTokenizer:
+  """The tokenizer stored in a GGUF file's metadata."""
+  reader = open_gguf(path)
+  fields = reader.fields
+  if "tokenizer.ggml.tokens" not in fields:
+    raise ValueError(f"GGUF {path}: no tokenizer (tokenizer.ggml.tokens) in the metadata")
+  contents = lambda key: fields[key].contents() if key in fields else []
+  return tokenizer_from_gguf_metadata(
+      metadata(reader), contents("tokenizer.ggml.tokens"), contents("tokenizer.ggml.merges"),
+      contents("tokenizer.ggml.token_type"))
+
+
+# --------------------------------------------------------------------------------------------
 # Dispatch
 
 
@@ -503,7 +622,6 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
   path = Path(path)
   if path.is_file():
     if path.suffix == ".gguf":
-      from mopd_jax.weights.gguf import load_gguf_tokenizer
       return load_gguf_tokenizer(path)
     if path.suffix == ".json":
       return load_hf_tokenizer(path)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mopd_jax import batching, checkpointing, config_lib, losses, peers, sharding
+from mopd_jax import batching, checkpointing, config_lib, methods, peers, sharding
 from mopd_jax import sampling as sampling_lib
 from mopd_jax.logging_lib import MetricsLogger, flatten_metrics
 from mopd_jax.models import ModelConfig, get_preset, init_model
@@ -59,16 +59,17 @@ def preset_model_config(preset: str, param_dtype: str, **compute: Any) -> ModelC
 
 
 def load_model_and_tokenizer(preset: str, checkpoint: str, tokenizer_path: str, param_dtype: str, dtype: str,
-                             seed: int, **compute: Any):
+                             seed: int, mesh: Optional[jax.sharding.Mesh] = None, **compute: Any):
   """(model, tokenizer). checkpoint: HF dir, .gguf, "smollm2-gguf", or "" for random init.
-  compute: ModelConfig fields saying how the model computes (remat, attention_impl, ...)."""
+  compute: ModelConfig fields saying how the model computes (remat, attention_impl, ...).
+  mesh: checkpoint tensors are read straight into their shards (no full copy on one device)."""
   from mopd_jax import weights
   from mopd_jax.tokenizer import load_tokenizer
 
   compute = dict(compute, dtype=dtype)
   if checkpoint:
     path = weights.smollm2_gguf_path() if checkpoint == "smollm2-gguf" else checkpoint
-    model, tokenizer = weights.load_pretrained(path, param_dtype=param_dtype)
+    model, tokenizer = weights.load_pretrained(path, mesh=mesh, param_dtype=param_dtype)
     if any(getattr(model.config, k) != v for k, v in compute.items()):
       # How the model computes is a config switch; rebuild the graph with it, keep the params.
       graphdef, state = nnx.split(model)
@@ -98,17 +99,8 @@ def check_same_tokenizer(student: Tokenizer, teacher: Tokenizer) -> None:
 
 
 def step_config(config) -> StepConfig:
-  method = config_lib.method_of(config)
-  l = config.loss
-  return StepConfig(
-      loss=method.loss, teacher_mode=config.teacher.mode, teacher_rate=config.teacher.rate,
-      group_size=config.sampling.group_size, distill=config_lib.distill_config(config),
-      grpo=losses.GRPOConfig(
-          clip_eps=l.grpo_clip, clip_high=l.grpo_clip_high, clip_c=l.grpo_clip_c or None, kl_coef=l.grpo_kl_coef,
-          loss_agg=l.loss_agg, agg_norm=config_lib.agg_norm(config)),
-      grpo_normalize_std=l.grpo_normalize_std, grpo_use_kl=l.grpo_use_kl,
-      dpo=losses.DPOConfig(beta=l.dpo_beta), simpo=losses.SimPOConfig(beta=l.simpo_beta, gamma=l.simpo_gamma),
-      micro_batch_rows=config.train.micro_batch_rows)
+  return StepConfig(method=methods.from_config(config), group_size=config.sampling.group_size,
+                    micro_batch_rows=config.train.micro_batch_rows)
 
 
 def load_examples(config) -> tuple[list[Example], list[Example]]:
@@ -427,15 +419,15 @@ def setup(config) -> Run:
   mesh = sharding.make_mesh(sharding.MeshConfig(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
   m = config.model
   model, tokenizer = load_model_and_tokenizer(m.preset, m.checkpoint, m.tokenizer, m.param_dtype, seed=config.seed,
-                                              **compute_options(m))
+                                              mesh=mesh, **compute_options(m))
   graphdef, params = nnx.split(model, nnx.Param)
   params = sharding.shard_params(params, mesh)
   step_cfg = step_config(config)
   teacher_graphdef, external_params = None, None
-  if config.teacher.mode == "external":
+  if step_cfg.method.external_teacher:
     t_model, t_tok = load_model_and_tokenizer(
         config.teacher.external_preset, config.teacher.external_checkpoint, "", m.param_dtype, seed=config.seed,
-        **compute_options(m, backward=False))
+        mesh=mesh, **compute_options(m, backward=False))
     check_same_tokenizer(tokenizer, t_tok)
     teacher_graphdef, external_params = nnx.split(t_model, nnx.Param)
     external_params = sharding.shard_params(external_params, mesh)
@@ -445,7 +437,7 @@ def setup(config) -> Run:
   step_fn = jit_train_step(
       make_train_step(graphdef, optimizer, step_cfg, teacher_graphdef=teacher_graphdef, learning_rate_fn=lr_fn,
                       mesh=mesh),
-      mesh, state, teacher)
+      mesh, state, teacher, optimizer)
   state = jax.device_put(state, step_fn.state_shardings)
   teacher = jax.device_put(teacher, step_fn.teacher_shardings)
   peer_config = config_lib.peer_config(config)
@@ -534,7 +526,7 @@ def run_one_step(run: Run) -> dict[str, float]:
   record = rollout_metrics(rollouts, contexts)
   if run.peer_config.use_summaries:
     record.update(peers.summary_stats(rollouts.texts))
-  if config_lib.method_of(cfg).loss == "distill":  # contexts only shape the distillation loss
+  if methods.get(cfg.method).uses_teacher_contexts:
     for message in peers.context_warnings(contexts, rollouts.texts, run.peer_config):
       run.logger.warning(f"step {step}: {message}")
   record.update(flatten_metrics(metrics))

@@ -12,9 +12,6 @@ OUT_DIR/ck if it holds a step, train to STEPS saving every step, each process wr
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
 NUM_PROMPTS = 8
 
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mopd_jax.analysis import diversity as dv
+from mopd_jax import diversity as dv
 
 
 def test_distinct_n_hand_example():

@@ -3,6 +3,7 @@ i.e. jax[tpu] from requirements-test.txt), through the functions the CLI uses an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import tiny
-from mopd_jax import aot, config_lib, flops, trainer
+from mopd_jax import aot, config_lib, flops, methods, trainer
 from mopd_jax.models import get_preset
 from mopd_jax.train_step import StepConfig
 
@@ -172,10 +173,14 @@ def test_model_flops_keep_the_recorded_bench_figure():
   cfg = get_preset("llama-3.2-1b")
   shape = flops.TrainShape(rows=8, prompt=512, teacher_prompt=1024, response=1536)
   assert flops.train_step_flops(cfg, shape).model / 1e12 == pytest.approx(181.4, abs=0.05)
-  tr = flops.train_step_flops(cfg, shape, StepConfig(teacher_mode="trust_region"))
+  trust_region = dataclasses.replace(methods.get("mopd"), teacher=methods.TeacherConfig("trust_region"))
+  tr = flops.train_step_flops(cfg, shape, StepConfig(method=trust_region))
   ema = flops.train_step_flops(cfg, shape)
   assert tr.teacher == pytest.approx(2 * ema.teacher) and tr.student == ema.student
-  assert flops.train_step_flops(cfg, shape, StepConfig(loss="sft")).teacher == 0.0
+  assert flops.train_step_flops(cfg, shape, StepConfig(method=methods.get("verified_sft"))).teacher == 0.0
+  # The reference model runs on the student rows only (DPO; GRPO with its KL).
+  dpo = flops.train_step_flops(cfg, shape, StepConfig(method=methods.get("dpo")))
+  assert dpo.teacher == pytest.approx(dpo.student / 3)
 
 
 def test_several_hosts_sample_in_one_program_over_a_sharded_model():
@@ -198,7 +203,7 @@ def test_plan_models_follow_the_config_switches():
   assert plan.student.remat_policy == "dots_saveable" and not plan.student.scan_layers
   assert plan.student == trainer.preset_model_config("tiny-llama", "float32", **trainer.compute_options(c.model))
   assert plan.teacher.family == "qwen3" and not plan.teacher.remat  # never differentiated
-  assert plan.teacher.attention_chunk == 32 and plan.step.teacher_mode == "external"
+  assert plan.teacher.attention_chunk == 32 and plan.step.method.teacher.mode == "external"
 
 
 def test_the_decode_step_is_sized_even_when_the_prefill_does_not_fit():

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from configs import default as default_config  # noqa: E402
-from config_tools import override  # noqa: E402
-from mopd_jax import checkpointing, sharding, trainer  # noqa: E402
-from mopd_jax.models import init_model, tiny_config  # noqa: E402
+from configs import default as default_config
+from config_tools import override
+from mopd_jax import checkpointing, sharding, trainer
+from mopd_jax.models import init_model, tiny_config
 
 
 def _sharded_params():

@@ -6,17 +6,12 @@ runs, so a field added later without a rule fails `test_every_field_has_a_rule`.
 """
 
 import math
-import os
 import re
-import sys
 
 import ml_collections
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from mopd_jax import config_lib, trainer  # noqa: E402
+from mopd_jax import config_lib, methods, trainer  # noqa: E402
 
 # Sub-dicts passed as keyword options to a registry entry (peers.get_preset, the task loader),
 # which validates them itself: their keys are free-form, so they are leaves here.
@@ -90,12 +85,17 @@ def test_bad_config_fails_in_setup_before_any_model_loads(monkeypatch):
 # ----------------------------------------------------------------------------- every field
 
 
-def test_every_field_has_a_rule_and_no_rule_is_stale():
+def test_every_field_has_one_rule_and_no_rule_is_stale():
+  """A field is validated once: by FIELD_RULES, or (the method sections) by the typed options
+  of the methods that read it."""
   leaves = {name for name, _ in _leaves(config_lib.base_config())}
-  missing = sorted(leaves - set(config_lib.FIELD_RULES))
-  assert not missing, f"add a rule to config_lib.FIELD_RULES for {missing}"
-  stale = sorted(set(config_lib.FIELD_RULES) - leaves)
+  by_methods = methods.config_fields()
+  missing = sorted(leaves - set(config_lib.FIELD_RULES) - by_methods)
+  assert not missing, f"add a rule to config_lib.FIELD_RULES (or a method's typed options) for {missing}"
+  stale = sorted((set(config_lib.FIELD_RULES) | by_methods) - leaves)
   assert not stale, f"rules for fields base_config() no longer has: {stale}"
+  twice = sorted(set(config_lib.FIELD_RULES) & by_methods)
+  assert not twice, f"validated twice (FIELD_RULES and a method's options): {twice}"
 
 
 # Fields where any value of the right type is valid (only the type is checked): paths and
@@ -109,7 +109,7 @@ ANY_VALUE_OF_ITS_TYPE = {
 
 
 # Numeric fields where None is a documented value ("off"): None is not a bad value for them.
-NONE_MEANS_OFF = {"loss.is_clip", "loss.agg_norm", "loss.grpo_clip_c", "loss.top_k", "sampling.top_k"}
+NONE_MEANS_OFF = {"loss.is_clip", "loss.agg_norm", "loss.mismatch", "grpo.clip_c", "loss.top_k", "sampling.top_k"}
 
 
 def _bad_values(default):

@@ -9,9 +9,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from mopd_jax.models import positions_from_segments  # noqa: E402
+from mopd_jax.tokenizer import PRE_TOKENIZERS, tokenizer_from_gguf_metadata  # noqa: E402
 from mopd_jax.weights import CheckpointError, load_gguf  # noqa: E402
-from mopd_jax.weights.gguf import (  # noqa: E402
-    PRE_TOKENIZERS, permute_rotary, tokenizer_from_gguf_metadata, unpermute_rotary)
+from mopd_jax.weights.gguf import permute_rotary, unpermute_rotary  # noqa: E402
 
 _GGUF_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

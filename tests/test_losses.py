@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mopd_jax import batching
 from mopd_jax import losses as L
 
 
@@ -139,14 +140,18 @@ def directional_fd(f, x, v, eps=1e-5):
 # ------------------------------------------------------------------ divergences
 
 
+def divergence(student_logits, teacher_logits, **options):
+  """The per-token divergence training computes (`token_stats`, as in each logits chunk)."""
+  targets = jnp.zeros(student_logits.shape[:-1], jnp.int32)
+  return L.token_stats(student_logits, teacher_logits, targets, **options).divergence
+
+
 @pytest.mark.parametrize("alpha", ALPHAS)
 @pytest.mark.parametrize("top_k,use_tail", MODES)
 def test_token_divergence_matches_numpy(alpha, top_k, use_tail):
   s, t = rand_logits(0), rand_logits(1)
   with x64():
-    got = L.token_divergence(
-        jax.nn.log_softmax(jnp.asarray(s)), jax.nn.log_softmax(jnp.asarray(t)),
-        alpha=alpha, top_k=top_k, use_tail=use_tail)
+    got = divergence(jnp.asarray(s), jnp.asarray(t), alpha=alpha, top_k=top_k, use_tail=use_tail)
     np.testing.assert_allclose(np.asarray(got), np_token_divergence(s, t, alpha, top_k, use_tail), atol=1e-10)
 
 
@@ -170,17 +175,16 @@ def test_tail_with_k_equal_vocab_equals_full_vocabulary(alpha):
   s, t = rand_logits(4), rand_logits(5)
   with x64():
     ls, lt = jnp.asarray(s), jnp.asarray(t)
-    full = lambda a: L.token_divergence(jax.nn.log_softmax(a), jax.nn.log_softmax(lt), alpha=alpha, top_k=None)
-    tail = lambda a: L.token_divergence(
-        jax.nn.log_softmax(a), jax.nn.log_softmax(lt), alpha=alpha, top_k=V, use_tail=True)
+    full = lambda a: divergence(a, lt, alpha=alpha, top_k=None)
+    tail = lambda a: divergence(a, lt, alpha=alpha, top_k=V, use_tail=True)
     np.testing.assert_allclose(tail(ls), full(ls), atol=1e-10)
     g_full = jax.jit(jax.grad(lambda a: full(a).sum()))(ls)
     g_tail = jax.jit(jax.grad(lambda a: tail(a).sum()))(ls)
     np.testing.assert_allclose(g_tail, g_full, atol=1e-10)
   # float32 too: the clamped tail stays finite and within 1e-6.
   ls32, lt32 = jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)
-  a32 = L.token_divergence(jax.nn.log_softmax(ls32), jax.nn.log_softmax(lt32), alpha=alpha, top_k=V)
-  b32 = L.token_divergence(jax.nn.log_softmax(ls32), jax.nn.log_softmax(lt32), alpha=alpha, top_k=None)
+  a32 = divergence(ls32, lt32, alpha=alpha, top_k=V)
+  b32 = divergence(ls32, lt32, alpha=alpha, top_k=None)
   assert np.all(np.isfinite(a32))
   np.testing.assert_allclose(a32, b32, atol=1e-6)
 
@@ -298,8 +302,13 @@ def test_trust_region_teacher():
 # ------------------------------------------------------------------ gradients
 
 
+def _mopd_and_metrics(hs, ws, ht, wt, batch, cfg):
+  """The MOPD loss as training computes it (`methods.Distillation`): statistics, then the loss."""
+  return L.mopd_loss_from_stats(L.distill_token_stats(hs, ht, ws, wt, batch.targets, cfg), batch, cfg)
+
+
 def _mopd(hs, ws, ht, wt, batch, cfg):
-  return L.mopd_distill_loss(hs, ws, ht, wt, batch, cfg)[0]
+  return _mopd_and_metrics(hs, ws, ht, wt, batch, cfg)[0]
 
 
 def _batch(seed, b=B, t=T, v=V, **kw):
@@ -406,23 +415,26 @@ def test_truncated_is_mismatch_is_refused_because_the_importance_weight_is_it():
   """The IS weight min(p_student / p_sampler, is_clip) already is the authors' token-level TIS
   (verl rollout_is=token, threshold 2, times a PPO ratio of 1 on-policy): a "tis" correction
   on top squared it. Refused, naming the field and the way to get what it was for."""
-  with pytest.raises(ValueError, match=r"DistillConfig.mismatch='tis' .*is_clip.*twice"):
+  with pytest.raises(ValueError, match=r"DistillConfig.mismatch: 'tis' .*is_clip.*twice"):
     L.DistillConfig(mismatch="tis")
   with x64():
     hs, ht, ws, wt = (jnp.asarray(a) for a in rand_hidden(44)[:4])
     batch = _batch(45)
     ls = L.chunked_token_stats(hs, ht, ws, wt, batch.targets, chunk_size=3, **stats_kwargs()).student_logp
     off = np.random.default_rng(46).normal(0, 0.8, (B, T))
-    _, met = L.mopd_distill_loss(hs, ws, ht, wt, batch.replace(old_logp=ls - off), L.DistillConfig(top_k=5))
+    _, met = _mopd_and_metrics(hs, ws, ht, wt, batch.replace(old_logp=ls - off), L.DistillConfig(top_k=5))
   w, m = np.minimum(np.exp(off), 2.0), np.asarray(batch.response_mask * batch.distill_mask[:, None])
   assert (np.exp(off) > 2.0).any() and (np.exp(off) < 1.0).any()
   np.testing.assert_allclose(float(met.is_weight), (w * m).sum() / m.sum(), rtol=1e-10)  # once, not squared
 
 
 def test_step_ids_and_step_mean():
-  sep = np.array([[0, 0, 1, 0, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0, 0, 1]], bool)
-  ids = np.asarray(L.step_ids_from_separators(jnp.asarray(sep)))
+  """Step ids as the trainer makes them (`batching.step_ids_from_text_offsets`): a token that
+  completes a separator closes its step."""
+  rows = [["a", "b", "\n\n", "c", "\n\n", "\n\n", "d", "e"], ["\n\n", "a", "b", "c", "d", "e", "f", "\n\n"]]
+  ids = np.array([batching.step_ids_from_text_offsets(r) for r in rows])
   np.testing.assert_array_equal(ids, [[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 1, 1, 1]])
+  sep = np.array([[t == "\n\n" for t in r] for r in rows])
   rng = np.random.default_rng(26)
   x = rng.standard_normal(sep.shape)
   m = (rng.random(sep.shape) < 0.7).astype(np.float64)
@@ -431,11 +443,12 @@ def test_step_ids_and_step_mean():
   np.testing.assert_allclose(got, np_step_mean(x, ids, m), atol=1e-12)
 
 
-def test_separator_flags():
+def test_step_ids_follow_separators_across_token_boundaries():
+  """Whatever the tokenizer does with the separator (one token, glued to text, split in two,
+  doubled), a new step starts after the token that completes it."""
   toks = ["Step", " one", ".\n\n", "Then", "\n", "\n", "x", "\n\n\n\n", "", "end"]
-  flags = L.separator_flags(toks)
-  np.testing.assert_array_equal(np.nonzero(flags)[0], [2, 5, 7])
-  assert not L.separator_flags(["a", "b"]).any()
+  assert batching.step_ids_from_text_offsets(toks) == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+  assert batching.step_ids_from_text_offsets(["a", "b"]) == [0, 0]
 
 
 @pytest.mark.parametrize("mode", sorted(L.LOSS_AGGREGATIONS))
@@ -530,10 +543,12 @@ def test_loss_denominators_split_every_loss_exactly():
     pb = L.PreferenceBatch(response_mask=j(resp), chosen=j([0, 3]), rejected=j([1, 2]), pair_mask=j([1.0, 1.0]),
                            ref_seq_logp=j(rng.normal(-5, 1, 4)))
     sb = L.SFTBatch(response_mask=j(resp), success=j([1.0, 0.0, 1.0, 1.0]))
-    cases = {"grpo": (gb, L.GRPOConfig(), splits), "dpo": (pb, L.DPOConfig(), None),
-             "simpo": (pb, L.SimPOConfig(), None), "sft": (sb, L.SFTConfig(), splits)}
-    for name, (batch, config, rows) in cases.items():
-      fn, den = L.BASELINE_LOSSES[name], L.BASELINE_DENOMINATORS[name](batch, config)
+    cases = {"grpo": (L.grpo_loss, L.grpo_loss_denominator, gb, L.GRPOConfig(), splits),
+             "dpo": (L.dpo_loss, L.pair_loss_denominator, pb, L.DPOConfig(), None),
+             "simpo": (L.simpo_loss, L.pair_loss_denominator, pb, L.SimPOConfig(), None),
+             "sft": (L.sft_loss, L.sft_loss_denominator, sb, L.SFTConfig(), splits)}
+    for name, (fn, denominator, batch, config, rows) in cases.items():
+      den = denominator(batch, config)
       whole_fn = lambda lp: fn(lp, batch, config)[0]
       if rows is None:  # pairs: one per group of two rows; slice the pairs and re-index
         slices = [(sl, batch.replace(chosen=batch.chosen[k:k + 1] - 2 * k, rejected=batch.rejected[k:k + 1] - 2 * k,
@@ -580,7 +595,7 @@ def test_mopd_distill_loss_matches_numpy(loss_agg, step_level):
     batch = L.DistillBatch(targets=jnp.asarray(targets), response_mask=jnp.asarray(resp),
                            distill_mask=jnp.asarray(dmask), old_logp=jnp.asarray(old),
                            step_ids=jnp.asarray(step_ids))
-    loss, met = L.mopd_distill_loss(*(jnp.asarray(a) for a in (hs, ws, ht, wt)), batch, cfg)
+    loss, met = _mopd_and_metrics(*(jnp.asarray(a) for a in (hs, ws, ht, wt)), batch, cfg)
   ref, div, m = np_mopd(hs @ ws, ht @ wt, targets, resp, dmask, old, cfg, step_ids)
   w = np.exp(np_target_logp(hs @ ws, targets) - old)
   assert (w > 2).any() and (w < 2).any()  # the IS cap is exercised
@@ -602,7 +617,7 @@ def test_mopd_mismatch_mask_excludes_tokens():
     off[0, 1], off[1, 2] = 2.0, -2.0  # ratios e^2 and e^-2: outside [1/2, 2]
     batch = batch.replace(old_logp=ls - off)
     cfg = L.DistillConfig(top_k=5, chunk_size=3, mismatch="mask", is_clip=None)
-    _, met = L.mopd_distill_loss(hs, ws, ht, wt, batch, cfg)
+    _, met = _mopd_and_metrics(hs, ws, ht, wt, batch, cfg)
     resp = np.asarray(batch.response_mask)
     dropped = resp[0, 1] + resp[1, 2]
     np.testing.assert_allclose(float(met.mismatch_masked_frac), dropped / resp.sum(), rtol=1e-12)
@@ -676,7 +691,6 @@ def test_grpo_loss():
     loss, met = L.grpo_loss(jnp.asarray(logp), batch, symmetric)
     g = jax.grad(f)(jnp.asarray(logp))
     no_kl, _ = L.grpo_loss(jnp.asarray(logp), batch.replace(ref_logp=None), symmetric)
-    assert L.BASELINE_LOSSES["grpo"] is L.grpo_loss
   total, pg, kl = np_grpo(logp, old, adv, mask, ref)
   np.testing.assert_allclose([float(loss), float(met.pg_loss), float(met.kl)], [total, pg, kl], rtol=1e-12)
   np.testing.assert_allclose(float(no_kl), pg, rtol=1e-12)
@@ -740,19 +754,23 @@ def test_grpo_asymmetric_and_dual_clip_match_numpy():
 def test_grpo_config_validation():
   for kw, field in [({"clip_eps": 0.0}, "clip_eps"), ({"clip_high": -0.1}, "clip_high"), ({"clip_c": 1.0}, "clip_c"),
                     ({"clip_c": 0.5}, "clip_c")]:
-    with pytest.raises(ValueError, match=rf"GRPOConfig.{field} must be"):
+    with pytest.raises(ValueError, match=rf"GRPOConfig.{field}: must be"):
       L.GRPOConfig(**kw)
   assert L.GRPOConfig(clip_c=None).clip_c is None  # dual clip off
   hash(L.GRPOConfig())
 
 
-def test_build_preference_pairs():
+def test_preference_pairs():
+  """The in-jit pairs the DPO / SimPO step trains on: j-th best vs j-th worst of each group."""
   r = np.array([[0.0, 1.0, 0.5, 1.0], [0.3, 0.3, 0.3, 0.3], [1.0, 0.0, 0.0, 0.2]])
-  c, rj, m = L.build_preference_pairs(r, max_pairs_per_group=2)
+  c, rj, m = (np.asarray(x) for x in jax.jit(L.preference_pairs, static_argnums=(1, 2))(jnp.asarray(r.reshape(-1)), 4, 2))
   np.testing.assert_array_equal(m, [1, 1, 0, 0, 1, 1])
   np.testing.assert_array_equal(c[m > 0], [1, 3, 8, 11])
   np.testing.assert_array_equal(rj[m > 0], [0, 2, 10, 9])
   assert np.all(r.reshape(-1)[c[m > 0]] > r.reshape(-1)[rj[m > 0]])
+  # At most G / 2 pairs per group: a rollout is never paired with itself.
+  c, rj, m = L.preference_pairs(jnp.asarray(r.reshape(-1)), 4, 5)
+  assert c.shape == (6,) and not np.any(np.asarray(c) == np.asarray(rj))
 
 
 def _pref_inputs(seed):
@@ -808,7 +826,6 @@ def test_sft_loss():
   m = mask * success[:, None]
   np.testing.assert_allclose(float(loss), -(logp * m).sum() / m.sum(), rtol=1e-12)
   assert float(met.num_sequences) == 2 and float(met.num_tokens) == m.sum()
-  assert set(L.BASELINE_LOSSES) == {"grpo", "dpo", "simpo", "sft"}
 
 
 # ------------------------------------------------------------------ memory

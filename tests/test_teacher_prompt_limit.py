@@ -6,20 +6,15 @@ prompt past the largest bucket mid-run. These tests drive real long peers throug
 own path (`trainer.teacher_rows` then `trainer.build_batch`) with SmolLM2's real tokenizer.
 """
 
-import os
-import sys
 import types
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from configs import default as default_config  # noqa: E402
-from config_tools import override  # noqa: E402
-from mopd_jax import config_lib, peers, trainer, weights  # noqa: E402
-from mopd_jax.types import Example, Message, Verdict  # noqa: E402
+from configs import default as default_config
+from config_tools import override
+from mopd_jax import config_lib, peers, trainer, weights
+from mopd_jax.types import Example, Message, Verdict
 
 BUCKET = 512
 GROUP = 4

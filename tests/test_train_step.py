@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from mopd_jax import config_lib, losses, sharding
+from mopd_jax import config_lib, losses, methods, sharding
 from mopd_jax.batching import RolloutRows, TrainBatch, build_train_batch
 from mopd_jax.models import init_model, tiny_config
 from mopd_jax.train_step import (
@@ -18,6 +18,25 @@ from mopd_jax.train_step import (
     make_optimizer, make_train_step, num_micro_batches)
 
 G = 4
+
+
+def distill_step(teacher_mode="ema", teacher_rate=0.05, micro_batch_rows=0, **options) -> StepConfig:
+  """MOPD's step with these teacher and `losses.DistillConfig` options."""
+  method = dataclasses.replace(methods.get("mopd"), teacher=methods.TeacherConfig(teacher_mode, teacher_rate),
+                               distill=losses.DistillConfig(**options))
+  return StepConfig(method=method, group_size=G, micro_batch_rows=micro_batch_rows)
+
+
+def linear_optimizer() -> optax.GradientTransformation:
+  """Clip + SGD: the update is linear in the gradient, so equal params mean equal gradients
+  (Adam's first step ~ lr * sign(g) would hide a wrongly scaled gradient)."""
+  return optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0)), 10)
+
+
+def baseline_step(name, micro_batch_rows=0, **options) -> StepConfig:
+  """A registered baseline's step with its typed options replaced (e.g. grpo=GRPOConfig(...))."""
+  return StepConfig(method=dataclasses.replace(methods.get(name), **options), group_size=G,
+                    micro_batch_rows=micro_batch_rows)
 
 
 def _batch(cfg, prompts=2, seed=0, teacher_same_as_student=False):
@@ -46,14 +65,13 @@ def _setup(step_cfg, family="llama", lr=1e-2):
 
 METHODS = {
     "mopd_ema": StepConfig(group_size=G),
-    "trust_region": StepConfig(group_size=G, teacher_mode="trust_region"),
-    "frozen_full_vocab_fkl": StepConfig(
-        group_size=G, teacher_mode="frozen", distill=losses.DistillConfig(alpha=0.0, top_k=None)),
-    "sampled_token": StepConfig(group_size=G, distill=losses.DistillConfig(alpha=1.0, full_logits=False)),
-    "grpo_kl": StepConfig(loss="grpo", group_size=G, grpo_use_kl=True),
-    "dpo": StepConfig(loss="dpo", group_size=G),
-    "simpo": StepConfig(loss="simpo", group_size=G),
-    "sft": StepConfig(loss="sft", group_size=G),
+    "trust_region": distill_step("trust_region"),
+    "frozen_full_vocab_fkl": distill_step("frozen", alpha=0.0, top_k=None),
+    "sampled_token": distill_step(alpha=1.0, full_logits=False),
+    "grpo_kl": baseline_step("grpo", grpo=losses.GRPOConfig(use_kl=True)),
+    "dpo": baseline_step("dpo"),
+    "simpo": baseline_step("simpo"),
+    "sft": baseline_step("verified_sft"),
 }
 
 
@@ -71,7 +89,7 @@ def test_every_method_updates_with_finite_metrics(name):
 
 
 def test_teacher_equal_to_student_on_same_context_gives_zero_loss_and_gradient():
-  step_cfg = StepConfig(group_size=G, teacher_mode="frozen", distill=losses.DistillConfig(is_clip=None))
+  step_cfg = distill_step("frozen", is_clip=None)
   cfg, graphdef, opt, lr_fn, state, teacher = _setup(step_cfg)
   batch = _batch(cfg, teacher_same_as_student=True)
   # Same bucket for both sides so the teacher sees exactly the student's rows.
@@ -83,7 +101,7 @@ def test_teacher_equal_to_student_on_same_context_gives_zero_loss_and_gradient()
 
 
 def test_ema_teacher_update_is_exact():
-  step_cfg = StepConfig(group_size=G, teacher_rate=0.25)
+  step_cfg = distill_step(teacher_rate=0.25)
   cfg, graphdef, opt, lr_fn, state, teacher = _setup(step_cfg)
   teacher = TeacherState(params=jax.tree.map(lambda x: x + 0.5, teacher.params))
   old_teacher = jax.tree.map(np.asarray, teacher.params)
@@ -96,7 +114,7 @@ def test_ema_teacher_update_is_exact():
 
 
 def test_non_finite_loss_skips_update_and_keeps_state():
-  step_cfg = StepConfig(loss="sft", group_size=G)
+  step_cfg = baseline_step("verified_sft")
   cfg, graphdef, opt, lr_fn, state, teacher = _setup(step_cfg)
   poisoned = jax.tree.map(lambda x: x, state.params)
   poisoned["norm"]["scale"].value = poisoned["norm"]["scale"].value.at[0].set(jnp.nan)
@@ -121,7 +139,7 @@ def test_sharded_update_equals_single_device_and_compiles_once():
 
   mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
   _, _, _, _, state2, teacher2 = _setup(step_cfg, family="qwen3", lr=1e-3)
-  run = jit_train_step(step_fn, mesh, state2, teacher2)
+  run = jit_train_step(step_fn, mesh, state2, teacher2, opt)
   state2 = jax.device_put(state2, run.state_shardings)
   teacher2 = jax.device_put(teacher2, run.teacher_shardings)
   state2, teacher2, metrics2 = run(state2, teacher2, batch, jax.random.key(0))
@@ -181,16 +199,13 @@ def _only_rows(batch: TrainBatch, rows: slice) -> TrainBatch:
 
 
 MICRO_METHODS = {
-    "mopd_ema_token_mean": StepConfig(group_size=G, teacher_rate=0.25),
+    "mopd_ema_token_mean": distill_step(teacher_rate=0.25),
     # The mismatch mask's token count depends on the student's log-probs: known after the scan only.
-    "mopd_ema_seq_mean_mismatch_mask": StepConfig(
-        group_size=G, teacher_rate=0.25, distill=losses.DistillConfig(loss_agg="seq-mean-token-mean", mismatch="mask")),
+    "mopd_ema_seq_mean_mismatch_mask": distill_step(teacher_rate=0.25, loss_agg="seq-mean-token-mean", mismatch="mask"),
     # A constant divides the rows' token sums (verl's agg_loss): the accumulated count is 1.
-    "mopd_ema_seq_sum_norm": StepConfig(
-        group_size=G, teacher_rate=0.25,
-        distill=losses.DistillConfig(loss_agg="seq-mean-token-sum-norm", agg_norm=24.0)),
-    "grpo_kl": StepConfig(loss="grpo", group_size=G, grpo_use_kl=True),
-    "dpo": StepConfig(loss="dpo", group_size=G, max_pairs_per_group=2),
+    "mopd_ema_seq_sum_norm": distill_step(teacher_rate=0.25, loss_agg="seq-mean-token-sum-norm", agg_norm=24.0),
+    "grpo_kl": baseline_step("grpo", grpo=losses.GRPOConfig(use_kl=True)),
+    "dpo": baseline_step("dpo", dpo=losses.DPOConfig(max_pairs_per_group=2)),
 }
 
 
@@ -201,7 +216,7 @@ def test_micro_batches_give_the_whole_batch_update(name):
   cfg, graphdef, _, _, state, teacher = _setup(whole_cfg)
   # SGD after the clip: the update is linear in the gradient, so equal params mean equal
   # gradients (Adam's first step ~ lr * sign(g) would hide a wrongly scaled gradient).
-  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0))
+  opt = linear_optimizer()
   state = init_train_state(state.params, opt)
   # A teacher / reference unlike the student: the losses and the EMA update are not trivial.
   teacher = TeacherState(params=jax.tree.map(lambda x: x + 0.01, teacher.params))
@@ -293,10 +308,10 @@ def test_sharded_micro_batches_equal_the_whole_batch_and_stay_sharded():
   """On a data x fsdp mesh each micro-batch's rows are spread over the batch shards: same
   update as the single-device whole batch, and per-device temporaries shrink like the
   micro-batch (without the sharding constraint on the split batch they did not: 52 vs 13 MiB)."""
-  step_cfg = StepConfig(group_size=G, teacher_rate=0.25)
+  step_cfg = distill_step(teacher_rate=0.25)
   micro_cfg = dataclasses.replace(step_cfg, micro_batch_rows=2 * G)
   cfg, graphdef, _, _, state, teacher = _setup(step_cfg, family="qwen3")
-  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0))
+  opt = linear_optimizer()
   params = state.params
   fresh = lambda: (init_train_state(jax.tree.map(jnp.copy, params), opt),
                    TeacherState(params=jax.tree.map(lambda x: x + 0.01, params)))
@@ -306,7 +321,7 @@ def test_sharded_micro_batches_equal_the_whole_batch_and_stay_sharded():
 
   mesh = sharding.make_mesh(sharding.MeshConfig(4, 2, 1))
   state, teacher = fresh()
-  run = jit_train_step(make_train_step(graphdef, opt, micro_cfg, mesh=mesh), mesh, state, teacher)
+  run = jit_train_step(make_train_step(graphdef, opt, micro_cfg, mesh=mesh), mesh, state, teacher, opt)
   state, teacher = jax.device_put(state, run.state_shardings), jax.device_put(teacher, run.teacher_shardings)
   s1, t1, m1 = run(state, teacher, batch, jax.random.key(0))
   close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
@@ -316,7 +331,7 @@ def test_sharded_micro_batches_equal_the_whole_batch_and_stay_sharded():
 
   def temp_bytes(step_cfg: StepConfig) -> int:
     state, teacher = fresh()
-    jitted = jit_train_step(make_train_step(graphdef, opt, step_cfg, mesh=mesh), mesh, state, teacher).jitted
+    jitted = jit_train_step(make_train_step(graphdef, opt, step_cfg, mesh=mesh), mesh, state, teacher, opt).jitted
     rows = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(
         mesh, len(x.shape))), _abstract_batch(8 * G))
     memory = jitted.lower(state, teacher, rows, jax.random.key(0)).compile(_FAST_COMPILE).memory_analysis()

@@ -1,20 +1,15 @@
 """The trainer: config validation, every method end to end, resume equivalence, non-finite guard."""
 
 import json
-import os
-import sys
 import types
 
 import jax
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
 from configs import default as default_config  # noqa: E402
 from config_tools import override  # noqa: E402
-from mopd_jax import config_lib, peers, sampling, trainer  # noqa: E402
+from mopd_jax import config_lib, methods, peers, sampling, trainer  # noqa: E402
 from mopd_jax.logging_lib import MetricsLogger  # noqa: E402
 from mopd_jax.types import Verdict  # noqa: E402
 
@@ -57,12 +52,16 @@ def test_prompts_per_step_is_per_optimizer_step_for_the_whole_run():
     ({"model.attention_impl": "cudnn"}, r"config.model.attention_impl: 'cudnn' needs an NVIDIA GPU backend"),
     ({"model.attention_impl": "cudnn", "model.dtype": "float32"}, r"config.model.attention_impl: 'cudnn' needs"),
     ({"method": "plain_opd"}, r"config.teacher.mode: method 'plain_opd' needs teacher.mode='external'"),
-    ({"loss.mismatch": "tis"}, r"config.loss.mismatch: 'tis' .*loss.is_clip.*twice"),
+    ({"loss.mismatch": "tis"}, r"config.loss.mismatch: 'tis' .*is_clip.*twice"),
     ({"loss.mismatch": "clip"}, r"config.loss.mismatch: unknown 'clip'; known: '' \(off\), 'mask'"),
     ({"loss.agg_norm": -1.0}, r"config.loss.agg_norm: must be > 0"),
-    ({"loss.grpo_clip": 0.0}, r"config.loss.grpo_clip: must be > 0"),
-    ({"loss.grpo_clip_high": -0.1}, r"config.loss.grpo_clip_high: must be > 0"),
-    ({"loss.grpo_clip_c": 1.0}, r"config.loss.grpo_clip_c: must be > 1 \(dual clip\) or 0 / None \(off\)"),
+    ({"grpo.clip_eps": 0.0}, r"config.grpo.clip_eps: must be > 0"),
+    ({"grpo.clip_high": -0.1}, r"config.grpo.clip_high: must be > 0"),
+    ({"grpo.clip_c": 1.0}, r"config.grpo.clip_c: must be > 1 \(dual clip\) or None \(off\)"),
+    ({"method": "grpo", "grpo.clip_c": 1.0}, r"config.grpo.clip_c: must be > 1"),
+    ({"dpo.beta": -1.0}, r"config.dpo.beta: must be > 0"),
+    ({"simpo.max_pairs_per_group": 0}, r"config.simpo.max_pairs_per_group: must be an int >= 1"),
+    ({"loss.full_logits": False}, r"config.loss.full_logits: False \(sampled-token mode\) needs alpha=1"),
     ({"optim.preference_lr": 0.0}, r"config.optim.preference_lr: must be > 0"),
 ])
 def test_bad_config_fails_before_any_compute(overrides, message):
@@ -77,21 +76,21 @@ def test_grpo_clip_and_aggregation_options_reach_the_losses():
   by default the longest response (verl: loss_mask.shape[-1], the padded max_response_length),
   not this step's response bucket."""
   c = tiny("grpo")
-  g = trainer.step_config(c).grpo
+  g = trainer.step_config(c).method.grpo
   assert (g.clip_eps, g.clip_high, g.clip_c, g.kl_coef) == (0.2, 0.28, 3.0, 0.001)
   for off in (0.0, None):
     with c.unlocked():
-      c.loss.grpo_clip_c = off
+      c.grpo.clip_c = off
     config_lib.validate(c, num_devices=8)
-    assert trainer.step_config(c).grpo.clip_c is None
+    assert trainer.step_config(c).method.grpo.clip_c is None
   with c.unlocked():
     c.loss.loss_agg = "seq-mean-token-sum-norm"
-  step = trainer.step_config(c)
-  assert step.distill.agg_norm == step.grpo.agg_norm == c.sampling.max_new_tokens
+  distill = methods.get("mopd").configured(c).distill
+  assert distill.agg_norm == trainer.step_config(c).method.grpo.agg_norm == c.sampling.max_new_tokens
   with c.unlocked():
     c.loss.agg_norm = 4096.0
-  step = trainer.step_config(c)
-  assert step.distill.agg_norm == step.grpo.agg_norm == 4096.0
+  distill = methods.get("mopd").configured(c).distill
+  assert distill.agg_norm == trainer.step_config(c).method.grpo.agg_norm == 4096.0
 
 
 def test_preference_methods_train_at_their_own_learning_rate():
@@ -149,7 +148,7 @@ def test_external_teacher_with_another_tokenizer_is_refused():
 
 # ----------------------------------------------------------------------------- end to end
 
-ALL_METHODS = sorted(set(config_lib.METHODS) - {"plain_opd"})
+ALL_METHODS = sorted(set(methods.METHODS) - {"plain_opd"})
 
 
 @pytest.mark.slow

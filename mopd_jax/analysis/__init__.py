@@ -1,9 +1,9 @@
-"""Teacher-signal analysis (spec section 6) and diversity of rollout groups.
+"""Teacher-signal analysis (spec section 6); re-exports the diversity metrics (`mopd_jax.diversity`).
 
 Numpy only; matplotlib is imported lazily by the report's plotting functions.
 """
 
-from mopd_jax.analysis.diversity import (
+from mopd_jax.diversity import (
     Diversity,
     distinct_n,
     edit_similarity,

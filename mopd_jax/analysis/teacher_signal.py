@@ -46,7 +46,6 @@ import math
 import os
 import pathlib
 import re
-import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -58,6 +57,7 @@ from mopd_jax import peers, sharding, trainer
 from mopd_jax.analysis import report, scoring
 from mopd_jax.analysis import stats as st
 from mopd_jax.evaluate import RolloutGroup
+from mopd_jax.logging_lib import quiet_library_logs
 from mopd_jax.tokenizer import Tokenizer
 from mopd_jax.types import Message
 
@@ -467,15 +467,15 @@ def run() -> None:
   from absl import app
   from ml_collections import config_flags
 
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  if root not in sys.path:  # configs/*.py import `configs` and `mopd_jax`
-    sys.path.insert(0, root)
-  config = config_flags.DEFINE_config_file(
-      "config", os.path.join(root, "configs", "teacher_signal.py"), "Analysis configuration (a get_config file).",
-      lock_config=True)
+  import configs
+
+  default = os.path.join(os.path.dirname(configs.__file__), "teacher_signal.py")
+  config = config_flags.DEFINE_config_file("config", default, "Analysis configuration (a get_config file).",
+                                           lock_config=True)
 
   def main(argv) -> None:
     del argv
+    quiet_library_logs()
     paths, _ = run_analysis(config.value)
     print(paths.summary_markdown.read_text())
     print(f"[teacher_signal] outputs in {paths.out_dir}")

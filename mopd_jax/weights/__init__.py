@@ -15,8 +15,8 @@ from typing import Optional, Sequence, Union
 import jax
 
 from mopd_jax.models.transformer import Transformer
-from mopd_jax.tokenizer import Tokenizer, load_tokenizer
-from mopd_jax.weights.gguf import config_from_gguf, load_gguf, load_gguf_tokenizer
+from mopd_jax.tokenizer import Tokenizer, load_gguf_tokenizer, load_tokenizer
+from mopd_jax.weights.gguf import config_from_gguf, load_gguf
 from mopd_jax.weights.hf import (
     CheckpointError, config_from_hf, config_to_hf, hf_tensor_name, load_hf_checkpoint, save_hf_checkpoint)
 

@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) checkpoints: model config, weights and tokenizer from one file.
+"""GGUF (llama.cpp) checkpoints: model config and weights from one file.
 
 Weights are dequantised tensor by tensor with `gguf.quants.dequantize` (float32 on host) and
 placed straight into their target sharding. llama.cpp's converter permutes the rows of the
@@ -6,24 +6,22 @@ q and k projections of llama-architecture models (its RoPE pairs adjacent elemen
 pairs the two halves of a head); we undo that permutation so the weights fit the HF layout
 our model uses. Qwen2/Qwen3 files are not permuted by the converter.
 
-The tokenizer is rebuilt from `tokenizer.ggml.*` metadata (byte-level BPE vocabulary, merges,
-token types, special ids, the pre-tokenizer named by `tokenizer.ggml.pre`) as a HF
-`tokenizers.Tokenizer`, with the chat template from `tokenizer.chat_template`.
+The file's tokenizer is the tokenizer module's (`mopd_jax.tokenizer.load_gguf_tokenizer`); the
+reader both use is `mopd_jax.gguf_reader`.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
 
+from mopd_jax.gguf_reader import metadata, open_gguf
 from mopd_jax.models.config import ModelConfig
 from mopd_jax.models.transformer import Transformer, abstract_model
-from mopd_jax.tokenizer import HFTokenizer
 from mopd_jax.weights import common
 from mopd_jax.weights.hf import CheckpointError
 
@@ -47,53 +45,6 @@ _LAYER_NAMES = {
     ("mlp", "down_proj"): "ffn_down",
 }
 _LEAF_SUFFIX = {"kernel": "weight", "scale": "weight", "bias": "bias"}
-
-
-@functools.lru_cache(maxsize=2)
-def _reader(path: str, mtime: float):
-  import gguf
-
-  class Reader(gguf.GGUFReader):
-    # The reader slices its buffer ~10^6 times while parsing a vocabulary; slices of an
-    # `np.memmap` pay a Python-level __array_finalize__ each, a plain ndarray view of the
-    # same mapping does not (2.5x faster open; tensors stay memory-mapped).
-    @property
-    def data(self):
-      return self._data
-
-    @data.setter
-    def data(self, value):
-      self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
-
-  del mtime  # part of the cache key only: a rewritten file is re-read
-  return Reader(path)
-
-
-def open_gguf(path: PathLike):
-  """A (cached) `gguf.GGUFReader`; the file is memory-mapped, tensors are read on demand."""
-  path = Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"GGUF file {path} does not exist")
-  return _reader(str(path.resolve()), path.stat().st_mtime)
-
-
-def _f32(x: Any) -> Any:
-  # Metadata floats are float32: use the shortest decimal that rounds to them (1e-05,
-  # not 9.999999747378752e-06), i.e. the value the original config.json held.
-  if isinstance(x, (float, np.floating)):
-    return float(str(np.float32(x)))
-  return x
-
-
-def metadata(reader, skip_arrays: bool = True) -> dict[str, Any]:
-  """Scalar (and short array) metadata by key; the vocabulary arrays are left out by default."""
-  out = {}
-  for key, field in reader.fields.items():
-    if skip_arrays and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                               "tokenizer.ggml.scores"):
-      continue
-    out[key] = _f32(field.contents())
-  return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,114 +194,3 @@ def load_gguf(
     return lambda index: whole()[index]
 
   return common.assemble(abstract, reader, mesh=mesh, rules=rules)
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer
-
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def _pre_gpt2():
-  from tokenizers import pre_tokenizers
-  return None, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-
-
-def _pre_digits_then_gpt2():
-  # llama.cpp: regexes "\p{N}" then GPT-2's, i.e. every digit on its own (StarCoder, SmolLM).
-  from tokenizers import pre_tokenizers
-  return None, pre_tokenizers.Sequence([
-      pre_tokenizers.Digits(individual_digits=True),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-
-
-def _pre_split(regex: str, nfc: bool = False):
-  def build():
-    from tokenizers import Regex, normalizers, pre_tokenizers
-    return (normalizers.NFC() if nfc else None), pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  return build
-
-
-# tokenizer.ggml.pre -> (normalizer, pre-tokenizer), following llama.cpp's llama-vocab.cpp.
-PRE_TOKENIZERS: dict[str, Callable[[], tuple[Any, Any]]] = {
-    **dict.fromkeys(("default", "gpt2", "mpt", "olmo", "jais"), _pre_gpt2),
-    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"),
-                    _pre_digits_then_gpt2),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe", "pixtral"),
-                    _pre_split(_LLAMA3_SPLIT)),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), _pre_split(_QWEN2_SPLIT, nfc=True)),
-}
-
-_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
-
-
-def tokenizer_from_gguf_metadata(
-    meta: Mapping[str, Any], tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int],
-) -> HFTokenizer:
-  """A byte-level BPE tokenizer (`tokenizer.ggml.model == "gpt2"`) from GGUF metadata."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-
-  kind = meta.get("tokenizer.ggml.model")
-  if kind != "gpt2":
-    raise ValueError(f"GGUF: tokenizer.ggml.model {kind!r} is not supported (byte-level BPE 'gpt2' only)")
-  pre = meta.get("tokenizer.ggml.pre", "default")
-  if pre not in PRE_TOKENIZERS:
-    raise ValueError(f"GGUF: unknown pre-tokenizer tokenizer.ggml.pre={pre!r}; known: {sorted(PRE_TOKENIZERS)}")
-  types = list(token_types) or [_NORMAL] * len(tokens)
-  vocab = {tok: i for i, tok in enumerate(tokens)}
-  bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False,
-                   continuing_subword_prefix="", end_of_word_suffix="")
-  backend = Tokenizer(bpe)
-  normalizer, pre_tokenizer = PRE_TOKENIZERS[pre]()
-  if normalizer is not None:
-    backend.normalizer = normalizer
-  backend.pre_tokenizer = pre_tokenizer
-  backend.decoder = decoders.ByteLevel()
-  # Control tokens (<|im_start|>, ...) are matched whole and are special; user-defined ones
-  # (e.g. <think>) are matched whole but decoded like text. Same ids as the vocabulary.
-  backend.add_special_tokens(
-      [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL])
-  backend.add_tokens(
-      [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
-
-  def token(key: str) -> Optional[str]:
-    i = meta.get(f"tokenizer.ggml.{key}")
-    return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
-
-  bos = token("bos_token_id")
-  add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-  if add_bos and bos is not None:
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
-  extra_eos = [meta.get(f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id", "eom_token_id")]
-  return HFTokenizer(
-      backend=backend,
-      chat_template=meta.get("tokenizer.chat_template"),
-      bos_token=bos,
-      eos_token=token("eos_token_id"),
-      pad_token=token("padding_token_id"),
-      unk_token=token("unknown_token_id"),
-      extra_eos_ids=tuple(int(i) for i in extra_eos if i is not None),
-      add_bos_token=add_bos,
-      add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-  )
-
-
-def load_gguf_tokenizer(path: PathLike) -> HFTokenizer:
-  """The tokenizer stored in a GGUF file's metadata."""
-  reader = open_gguf(path)
-  fields = reader.fields
-  if "tokenizer.ggml.tokens" not in fields:
-    raise ValueError(f"GGUF {path}: no tokenizer (tokenizer.ggml.tokens) in the metadata")
-  contents = lambda key: fields[key].contents() if key in fields else []
-  return tokenizer_from_gguf_metadata(
-      metadata(reader), contents("tokenizer.ggml.tokens"), contents("tokenizer.ggml.merges"),
-      contents("tokenizer.ggml.token_type"))
