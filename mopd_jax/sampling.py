@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from mopd_jax import sharding
 from mopd_jax.models.config import ModelConfig
@@ -690,7 +690,7 @@ def _local_rows(decoded: Decoded, mesh: Optional[Mesh]) -> Decoded:
   from jax.experimental import multihost_utils
 
   local = lambda x: np.asarray(x.addressable_data(0)) if x.ndim == 0 else np.asarray(
-      multihost_utils.global_array_to_host_local_array(x, mesh, P(sharding.BATCH_AXES, *([None] * (x.ndim - 1)))))
+      multihost_utils.global_array_to_host_local_array(x, mesh, sharding.batch_spec(x.ndim)))
   return jax.tree.map(local, decoded)
 
 

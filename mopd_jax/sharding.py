@@ -1,10 +1,12 @@
 """Device mesh, logical-axis rules, and the shardings of params, batches and caches.
 
-Parameters are annotated with logical axis names in the model (`layers`, `embed`, `vocab`,
-`mlp`, `q_heads`, `kv_heads`, `norm`). A rule table maps each logical name to a mesh axis (or
-None = replicated). Batches shard their leading dimension over `data` x `fsdp`, so each
-prompt's G rollouts, which are consecutive rows, stay on one shard as long as the per-shard
-row count is a multiple of G (checked by the callers that build batches).
+One rule table (`DEFAULT_RULES`, after MaxText's `logical_axis_rules`) maps every logical axis
+name to a mesh axis (or None = replicated): the parameters' names, annotated in the model
+(`layers`, `embed`, `vocab`, `mlp`, `q_heads`, `kv_heads`, `norm`), and the activations' and
+caches' (`activation_batch`, `activation_length`, `activation_heads`, `activation_head_dim`).
+Batches shard their rows over `data` x `fsdp`, so each prompt's G rollouts, which are
+consecutive rows, stay on one shard as long as the per-shard row count is a multiple of G
+(checked by the callers that build batches).
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ DEFAULT_RULES: tuple[tuple[str, Optional[str]], ...] = (
     # The stacked layers' leading axis: each device holds its shard of every layer (a scan
     # slices one layer per iteration, so this axis is never split across devices).
     ("layers", None),
+    # Activations, batches and KV caches: rows (rollouts) over data x fsdp, positions whole,
+    # attention heads (q/k/v, the cache's kv heads) over tensor where they divide.
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_heads", "tensor"),
+    ("activation_head_dim", None),
 )
 
 
@@ -131,9 +139,19 @@ def shard_params(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State
   return jax.device_put(state, param_shardings(state, mesh, rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Leading (row) dimension over data x fsdp, the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def rule(name: str, rules=DEFAULT_RULES) -> tuple[str, ...]:
+  """The mesh axes of logical axis `name` in `rules` (empty: replicated)."""
+  axes = logical_to_mesh_spec((name,), dict(rules))[0]
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def batch_spec(ndim: int = 2, rules=DEFAULT_RULES) -> P:
+  """Leading (row) dimension by `activation_batch`, the rest replicated."""
+  return logical_to_mesh_spec(("activation_batch",) + (None,) * (ndim - 1), dict(rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=DEFAULT_RULES) -> NamedSharding:
+  return NamedSharding(mesh, batch_spec(ndim, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -155,11 +173,22 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), tree)
 
 
-def cache_sharding(mesh: Mesh, num_kv_heads: int) -> NamedSharding:
-  """KV cache [L, B, KVH, S, D]: layers whole, rows like the batch, kv heads over `tensor`
-  when it divides them."""
-  heads = "tensor" if num_kv_heads % mesh.shape["tensor"] == 0 else None
-  return NamedSharding(mesh, P(None, BATCH_AXES, heads, None, None))
+def heads_axis(mesh: Mesh, *head_counts: int, rules=DEFAULT_RULES):
+  """`activation_heads`' mesh axis where it divides every head count (else None: replicated,
+  every device computes all heads: correct, only redundant)."""
+  axes = rule("activation_heads", rules)
+  if not axes or any(a not in mesh.axis_names for a in axes):
+    return None
+  size = math.prod(mesh.shape[a] for a in axes)
+  return (axes[0] if len(axes) == 1 else axes) if all(n % size == 0 for n in head_counts) else None
+
+
+def cache_sharding(mesh: Mesh, num_kv_heads: int, rules=DEFAULT_RULES) -> NamedSharding:
+  """KV cache [L, B, KVH, S, D] by the rules: layers, rows, kv heads (where they divide),
+  positions, head dim."""
+  layers, rows, _, length, dim = logical_to_mesh_spec(
+      ("layers", "activation_batch", "activation_heads", "activation_length", "activation_head_dim"), dict(rules))
+  return NamedSharding(mesh, P(layers, rows, heads_axis(mesh, num_kv_heads, rules=rules), length, dim))
 
 
 def constrain(x: jax.Array, mesh: Optional[Mesh], spec: Optional[NamedSharding] = None) -> jax.Array:

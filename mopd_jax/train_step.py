@@ -160,7 +160,7 @@ def make_train_step(
     # spread over the batch shards (a reshard of the small integer batch, not of activations).
     def split(x: Array) -> Array:
       x = x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
-      spec = jax.sharding.PartitionSpec(None, sharding.BATCH_AXES, *([None] * (x.ndim - 2)))
+      spec = jax.sharding.PartitionSpec(None, *sharding.batch_spec(x.ndim - 1))
       return sharding.constrain(x, mesh, None if mesh is None else jax.sharding.NamedSharding(mesh, spec))
 
     def body(acc, micro: TrainBatch):

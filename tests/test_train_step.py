@@ -341,3 +341,22 @@ def test_sharded_micro_batches_equal_the_whole_batch_and_stay_sharded():
 
   whole, micro = temp_bytes(step_cfg), temp_bytes(micro_cfg)
   assert micro < 0.4 * whole, (micro, whole)  # measured: 13.0 vs 49.8 MiB per device
+
+
+def test_activation_and_cache_axes_come_from_the_one_rules_table():
+  """Batches, caches and the splash kernel's specs read `sharding.DEFAULT_RULES`; a rules table
+  that moves the rows (or the heads) moves all of them."""
+  from mopd_jax.models import splash
+
+  mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
+  P = jax.sharding.PartitionSpec
+  assert sharding.batch_sharding(mesh, 3).spec == P(("data", "fsdp"), None, None)
+  assert sharding.cache_sharding(mesh, num_kv_heads=4).spec == P(None, ("data", "fsdp"), "tensor", None, None)
+  assert sharding.cache_sharding(mesh, num_kv_heads=3).spec[2] is None  # 3 heads do not split over 2
+  assert splash._specs(mesh, batch=8, heads=4, kv_heads=2) == (P(("data", "fsdp"), None, "tensor", None),
+                                                                P(("data", "fsdp"), None))
+  rules = tuple((n, "data" if n == "activation_batch" else None if n == "activation_heads" else a)
+                for n, a in sharding.DEFAULT_RULES)
+  assert sharding.batch_sharding(mesh, 2, rules).spec == P("data", None)
+  assert sharding.cache_sharding(mesh, 4, rules).spec == P(None, "data", None, None, None)
+  assert sharding.batch_spec(1) == P(("data", "fsdp"))

@@ -51,13 +51,12 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
-from mopd_jax.sharding import BATCH_AXES
+from mopd_jax import sharding
 
 Array = jax.Array
 
 LANES = 128  # every splash block (q, kv, compute; forward and backward) is a multiple of this
 DEFAULT_BLOCKS: tuple[int, ...] = (512, 256, 128)  # largest dividing the padded length wins
-HEAD_AXIS = "tensor"
 
 _COMPILING_FOR_TPU: contextvars.ContextVar[bool] = contextvars.ContextVar("compiling_for_tpu", default=False)
 
@@ -153,15 +152,13 @@ def _local_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, block:
 def _specs(mesh, batch: int, heads: int, kv_heads: int) -> tuple[P, P]:
   """(spec of q/k/v [B,T,N,D], spec of segment ids [B,T]) on `mesh`.
 
-  Rows over the mesh's batch axes and heads over `tensor` when they divide; otherwise that
+  Rows and heads by the rules table (`sharding.DEFAULT_RULES`) where they divide; otherwise that
   dimension is replicated (every device computes it: correct, only redundant).
   """
   names = set(mesh.axis_names)
-  batch_axes = tuple(a for a in BATCH_AXES if a in names)
+  batch_axes = tuple(a for a in sharding.rule("activation_batch") if a in names)
   rows = batch_axes if batch_axes and batch % math.prod(mesh.shape[a] for a in batch_axes) == 0 else None
-  tp = mesh.shape[HEAD_AXIS] if HEAD_AXIS in names else 0
-  head_axis = HEAD_AXIS if tp and heads % tp == 0 and kv_heads % tp == 0 else None
-  return P(rows, None, head_axis, None), P(rows, None)
+  return P(rows, None, sharding.heads_axis(mesh, heads, kv_heads), None), P(rows, None)
 
 
 def _on_mesh(fn: Callable, mesh, batch: int, heads: int, kv_heads: int) -> Callable:
