@@ -94,8 +94,12 @@ class Method:
   peer_preset: Optional[str] = None  # peers.PEER_PRESETS entry (distillation methods)
   needs_peers: bool = False  # needs >= 2 rollouts per prompt (contexts, advantages, pairs)
 
-  # The configuration sections this family reads (for the config's every-field check).
+  # The configuration fields this family reads (for the config's every-field check).
   CONFIG_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+  @classmethod
+  def config_fields(cls) -> tuple[str, ...]:
+    return cls.CONFIG_FIELDS
 
   # -- host side
   def configured(self, config) -> "Method":
@@ -353,10 +357,24 @@ class GRPO(PolicyLogProbMethod):
 
 @dataclasses.dataclass(frozen=True)
 class PairwisePreference(PolicyLogProbMethod):
-  """On-policy pairs from each group: its j-th best rollout against its j-th worst."""
+  """On-policy pairs from each group: its j-th best rollout against its j-th worst. A subclass
+  keeps its options (a dataclass with `max_pairs_per_group`) in the field named `SECTION`, read
+  from the config section of that name."""
+
+  SECTION: ClassVar[str] = ""
+  OPTIONS: ClassVar[type] = type(None)
+
+  @classmethod
+  def config_fields(cls) -> tuple[str, ...]:
+    return PolicyLogProbMethod.CONFIG_FIELDS + tuple(f"{cls.SECTION}.{f.name}" for f in dataclasses.fields(cls.OPTIONS))
+
+  def configured(self, config) -> "PairwisePreference":
+    paths = {f.name: f"{self.SECTION}.{f.name}" for f in dataclasses.fields(self.OPTIONS)}
+    options = _typed(self.OPTIONS, paths, **dict(config[self.SECTION]))
+    return dataclasses.replace(super().configured(config), **{self.SECTION: options})
 
   def options(self) -> Any:
-    raise NotImplementedError
+    return getattr(self, self.SECTION)
 
   def pair_loss(self, logp: Array, pairs: losses.PreferenceBatch, denominator):
     raise NotImplementedError
@@ -381,15 +399,8 @@ class PairwisePreference(PolicyLogProbMethod):
 class DPO(PairwisePreference):
   dpo: losses.DPOConfig = losses.DPOConfig()
 
-  CONFIG_FIELDS: ClassVar[tuple[str, ...]] = PolicyLogProbMethod.CONFIG_FIELDS + tuple(
-      f"dpo.{f.name}" for f in dataclasses.fields(losses.DPOConfig))
-
-  def configured(self, config) -> "DPO":
-    paths = {f.name: f"dpo.{f.name}" for f in dataclasses.fields(losses.DPOConfig)}
-    return dataclasses.replace(super().configured(config), dpo=_typed(losses.DPOConfig, paths, **dict(config.dpo)))
-
-  def options(self):
-    return self.dpo
+  SECTION: ClassVar[str] = "dpo"
+  OPTIONS: ClassVar[type] = losses.DPOConfig
 
   @property
   def reference_forward(self) -> bool:
@@ -403,16 +414,8 @@ class DPO(PairwisePreference):
 class SimPO(PairwisePreference):
   simpo: losses.SimPOConfig = losses.SimPOConfig()
 
-  CONFIG_FIELDS: ClassVar[tuple[str, ...]] = PolicyLogProbMethod.CONFIG_FIELDS + tuple(
-      f"simpo.{f.name}" for f in dataclasses.fields(losses.SimPOConfig))
-
-  def configured(self, config) -> "SimPO":
-    paths = {f.name: f"simpo.{f.name}" for f in dataclasses.fields(losses.SimPOConfig)}
-    return dataclasses.replace(super().configured(config),
-                               simpo=_typed(losses.SimPOConfig, paths, **dict(config.simpo)))
-
-  def options(self):
-    return self.simpo
+  SECTION: ClassVar[str] = "simpo"
+  OPTIONS: ClassVar[type] = losses.SimPOConfig
 
   def pair_loss(self, logp, pairs, denominator):
     return losses.simpo_loss(logp, pairs, self.simpo, denominator)
@@ -465,7 +468,7 @@ def check_every_method_options(config) -> None:
 
 def config_fields() -> frozenset[str]:
   """The configuration fields the registered methods read and validate."""
-  return frozenset(f for m in METHODS.values() for f in type(m).CONFIG_FIELDS)
+  return frozenset(f for m in METHODS.values() for f in type(m).config_fields())
 
 
 register(Distillation("mopd", "mopd_2s1f", needs_peers=True))
