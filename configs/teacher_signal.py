@@ -22,7 +22,7 @@ from mopd_jax import config_lib
 def analysis_section() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       num_prompts=48,  # first prompts of the task's training split (0 = all)
-      rollouts_in="",  # a rollout dump (evaluate.RolloutGroup JSONL) instead of sampling
+      rollouts_in="",  # a rollout dump (rollouts.RolloutGroup JSONL) instead of sampling
       out_dir="experiments/results/teacher_signal_smollm2",
       # mopd_jax.analysis.teacher_signal.VARIANTS names (+ top<N>_reward)
       variants=("base", "solution", "another_solution", "failure", "solution+failure", "2s1f",

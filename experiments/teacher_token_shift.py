@@ -100,7 +100,7 @@ def main() -> None:
     raise SystemExit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
 
   from configs import default
-  from mopd_jax import peers, trainer
+  from mopd_jax import peers, rollouts, trainer
   from mopd_jax.analysis.scoring import ScoringParams, score_pairs
 
   # The variants set their own closing; the recorded run (experiments/README.md) sampled with
@@ -113,16 +113,18 @@ def main() -> None:
   run = trainer.setup(c)
   g = args.group
   examples = run.train_examples[args.offset:args.offset + args.prompts]
-  rollouts = trainer.sample_and_verify(run, examples, jax.random.key(args.seed), group_size=g,
-                                       temperature=c.sampling.temperature, max_new_tokens=c.sampling.max_new_tokens)
-  n = len(rollouts.response_tokens)
+  groups = rollouts.sample_and_verify(run, examples, jax.random.key(args.seed), group_size=g,
+                                      temperature=c.sampling.temperature, max_new_tokens=c.sampling.max_new_tokens)
+  responses = [r for group in groups for r in group.response_tokens]
+  successes = [s for group in groups for s in group.successes]
+  n = len(responses)
   model = (run.student_graphdef, run.state.params)
   params = ScoringParams(temperature=c.sampling.temperature, chunk_size=64, pad_id=run.tokenizer.pad_id)
-  student = score_pairs(model, [(rollouts.prompt_tokens[r // g], rollouts.response_tokens[r]) for r in range(n)],
+  student = score_pairs(model, [(group.prompt_tokens, r) for group in groups for r in group.response_tokens],
                         params=params)
-  texts = [[run.tokenizer.decode([t]) for t in resp] for resp in rollouts.response_tokens]
+  texts = [[run.tokenizer.decode([t]) for t in resp] for resp in responses]
   end_text = run.tokenizer.decode([run.tokenizer.eos_ids[0]])
-  success = np.array([v.success for v in rollouts.verdicts]).reshape(-1, g)
+  success = np.array([group.successes for group in groups])
   print(f"{args.prompts} prompts x {g} rollouts, temperature {c.sampling.temperature}: success rate "
         f"{success.mean():.3f}, groups with both outcomes {np.mean(success.any(1) & ~success.all(1)):.3f}")
   print("cells: mean shift (teacher - student log-prob, nats) over tokens (token count)")
@@ -131,12 +133,13 @@ def main() -> None:
     config = peers.get_preset(preset, seed=c.seed, **{**dict(c.mopd.overrides), "include_feedback": True, **options})
     if labels:
       config = dataclasses.replace(config, labels=dataclasses.replace(config.labels, **labels))
-    run.peer_config = config
-    contexts, teacher_prompts = trainer.teacher_rows(run, rollouts, 0, 0)
-    flat = [ctx for row in contexts for ctx in row]
-    teacher = score_pairs(model, [(teacher_prompts[r], rollouts.response_tokens[r]) for r in range(n)], params=params)
+    with_contexts = rollouts.with_teacher_contexts(groups, config, run.tokenizer,
+                                                   enable_thinking=c.sampling.enable_thinking)
+    flat = [ctx for group in with_contexts for ctx in group.contexts]
+    teacher_prompts = [p for group in with_contexts for p in group.teacher_prompt_tokens]
+    teacher = score_pairs(model, [(teacher_prompts[r], responses[r]) for r in range(n)], params=params)
     rows = [shifts(teacher.token_logprobs[r], student.token_logprobs[r], texts[r], "primary" in flat[r].kinds,
-                   bool(rollouts.verdicts[r].success), end_text)
+                   bool(successes[r]), end_text)
             for r in range(n) if flat[r].distill_mask > 0]
     print(f"\n{name} ({preset}, {options or 'preset options'}{', labels ' + str(list(labels)) if labels else ''}): "
           f"{len(rows)}/{n} rollouts distilled")

@@ -240,7 +240,8 @@ def make_plan(config, topology: Topology, num_layers: int = 0):
   num_layers > 0: every model at that depth, full width (a quick check of a sharding plan: the
   scanned layers make the per-layer program the same, and the memory per layer adds up).
   """
-  from mopd_jax import batching, config_lib, sharding, trainer
+  from mopd_jax import batching, config_lib, rollouts, sharding, trainer
+  from mopd_jax.weights import loading as model_loading
 
   processes = topology.num_hosts
   c = _aot_config(config, processes)
@@ -254,18 +255,18 @@ def make_plan(config, topology: Topology, num_layers: int = 0):
   mesh = sharding.make_mesh(sharding.MeshConfig(*shape), devices=topology.devices)
   m = c.model
   with _config_error("config.model"):
-    student = trainer.preset_model_config(m.preset, m.param_dtype, **trainer.compute_options(m))
+    student = model_loading.preset_model_config(m.preset, m.param_dtype, **model_loading.compute_options(m))
   teacher = None
   if c.teacher.mode == "external":
     with _config_error("config.teacher.external_preset"):
-      teacher = trainer.preset_model_config(
-          c.teacher.external_preset, m.param_dtype, **trainer.compute_options(m, backward=False))
+      teacher = model_loading.preset_model_config(
+          c.teacher.external_preset, m.param_dtype, **model_loading.compute_options(m, backward=False))
   if num_layers:
     student = student.replace(num_layers=num_layers)
     teacher = None if teacher is None else teacher.replace(num_layers=num_layers)
   d = c.data
   with _config_error("config.sampling"):
-    sampling_params = trainer.sampling_params(
+    sampling_params = rollouts.sampling_params(
         c, temperature=c.sampling.temperature, max_new_tokens=c.sampling.max_new_tokens)
     response = batching.bucket_for(c.sampling.max_new_tokens, d.response_buckets, "max_new_tokens")
   g = c.sampling.group_size

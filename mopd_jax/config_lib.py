@@ -288,7 +288,7 @@ def _check_buckets(data, peer_cfg: peers.PeerConfig) -> None:
     _check(bool(buckets) and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in buckets),
            f"data.{name}", f"must be a non-empty sequence of positive ints, got {buckets!r}")
   largest_teacher = max(data.teacher_prompt_buckets)
-  # The limit bounds the chat-templated teacher prompt (trainer.teacher_rows), so it must fit.
+  # The limit bounds the chat-templated teacher prompt (rollouts.with_teacher_contexts), so it must fit.
   _check(peer_cfg.max_teacher_prompt_len <= largest_teacher, "mopd.overrides.max_teacher_prompt_len",
          f"{peer_cfg.max_teacher_prompt_len} exceeds the largest teacher prompt bucket {largest_teacher} "
          "(data.teacher_prompt_buckets): a teacher prompt filled to the limit would not fit any bucket")

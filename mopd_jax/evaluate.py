@@ -19,14 +19,14 @@ Checkpoints (`--checkpoint`, i.e. `config.evaluate.checkpoint`; "" = `config.mod
   (the checkpoint the run started from), the params from orbax.
 
 Outputs in `evaluate.out_dir`:
-  items.jsonl   one line per item: the rollout-dump fields (see `RolloutGroup`, readable by
+  items.jsonl   one line per item: the rollout-dump fields (see `rollouts.RolloutGroup`, readable by
                 `analysis.teacher_signal` as frozen rollouts) + pass@k per k + diversity
   summary.json  mean@k, pass@k for every k in `evaluate.ks` (default 1, 2, 4, ..., k), mean
                 reward, response lengths, diversity averaged over items
   summary.md    the same as a table
 
-Sampling and verification are the trainer's (`trainer.sample_and_verify`), driven through
-`SamplerRun`, the part of `trainer.Run` they read.
+Sampling and verification are the trainer's (`rollouts.sample_groups`, the evaluation loop the
+trainer's held-out eval runs too), driven through `SamplerRun`, the part of `trainer.Run` they read.
 """
 
 from __future__ import annotations
@@ -38,122 +38,22 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from mopd_jax import checkpointing, config_lib, sharding, trainer
+from mopd_jax import checkpointing, config_lib, rollouts, sharding
 from mopd_jax.diversity import Diversity, group_diversity, mean_diversity
 from mopd_jax.logging_lib import quiet_library_logs
 from mopd_jax.passk import PassAtK, aggregate_pass_at_k, pass_at_k
+from mopd_jax.rollouts import RolloutGroup, write_rollouts
+from mopd_jax.tasks import loading as task_loading
 from mopd_jax.tokenizer import Tokenizer
-from mopd_jax.types import Example, Message, Verdict
+from mopd_jax.types import Example
 from mopd_jax.verifiers.base import VerifierPool, default_pool
-
-ROLLOUT_SCHEMA = "mopd_jax.rollouts/v1"
-
-
-# ------------------------------------------------------------------------------ records
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutGroup:
-  """One prompt's G sampled responses with their verdicts: a frozen rollout group.
-
-  JSONL dump schema (one JSON object per line, one line per prompt; `write_rollouts` /
-  `read_rollouts`):
-    schema           "mopd_jax.rollouts/v1"
-    example_id       str
-    prompt           [{"role": str, "content": str}, ...]   the student's chat messages
-    responses        [str] * G      decoded responses, as the verifier saw them
-    rewards          [float] * G    verifier rewards in [0, 1]
-    successes        [bool] * G     reward >= the task's success threshold
-    response_tokens  [[int]] * G    optional: sampled token ids (stop token included); when
-                                    absent, consumers re-tokenise `responses`
-    feedback         [str] * G      optional: verifier feedback ("" for none)
-    finish_reasons   [str] * G      optional: "stop" | "length" | "stop_string"
-    reference        str            optional, informational: str(example.reference)
-  Extra keys (evaluate's pass@k, diversity) are ignored when reading.
-  """
-
-  example_id: str
-  prompt: tuple[Message, ...]
-  responses: tuple[str, ...]
-  rewards: tuple[float, ...]
-  successes: tuple[bool, ...]
-  response_tokens: Optional[tuple[tuple[int, ...], ...]] = None
-  feedback: tuple[str, ...] = ()
-  finish_reasons: tuple[str, ...] = ()
-  reference: str = ""
-
-  def __post_init__(self):
-    g = len(self.responses)
-    if g == 0:
-      raise ValueError(f"RolloutGroup {self.example_id!r}: no responses")
-    for name in ("rewards", "successes", "response_tokens", "feedback", "finish_reasons"):
-      value = getattr(self, name)
-      if name in ("feedback", "finish_reasons") and not value:
-        continue
-      if value is not None and len(value) != g:
-        raise ValueError(f"RolloutGroup {self.example_id!r}: {len(value)} {name} for {g} responses")
-
-  def __len__(self) -> int:
-    return len(self.responses)
-
-  def verdicts(self) -> tuple[Verdict, ...]:
-    feedback = self.feedback or ("",) * len(self)
-    return tuple(Verdict(reward=float(r), success=bool(s), feedback=f)
-                 for r, s, f in zip(self.rewards, self.successes, feedback))
-
-  def to_json(self) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "schema": ROLLOUT_SCHEMA, "example_id": self.example_id,
-        "prompt": [m.as_dict() for m in self.prompt], "responses": list(self.responses),
-        "rewards": [float(r) for r in self.rewards], "successes": [bool(s) for s in self.successes]}
-    if self.response_tokens is not None:
-      out["response_tokens"] = [list(t) for t in self.response_tokens]
-    if self.feedback:
-      out["feedback"] = list(self.feedback)
-    if self.finish_reasons:
-      out["finish_reasons"] = list(self.finish_reasons)
-    if self.reference:
-      out["reference"] = self.reference
-    return out
-
-  @classmethod
-  def from_json(cls, d: dict[str, Any]) -> "RolloutGroup":
-    if d.get("schema", ROLLOUT_SCHEMA) != ROLLOUT_SCHEMA:
-      raise ValueError(f"rollout dump: unsupported schema {d.get('schema')!r} (expected {ROLLOUT_SCHEMA!r})")
-    tokens = d.get("response_tokens")
-    return cls(
-        example_id=str(d.get("example_id", "")),
-        prompt=tuple(Message(m["role"], m["content"]) for m in d["prompt"]),
-        responses=tuple(d["responses"]), rewards=tuple(float(r) for r in d["rewards"]),
-        successes=tuple(bool(s) for s in d["successes"]),
-        response_tokens=None if tokens is None else tuple(tuple(int(t) for t in row) for row in tokens),
-        feedback=tuple(d.get("feedback", ())), finish_reasons=tuple(d.get("finish_reasons", ())),
-        reference=str(d.get("reference", "")))
-
-
-def write_rollouts(path: str | os.PathLike, groups: Iterable[RolloutGroup],
-                   extras: Optional[Sequence[dict[str, Any]]] = None) -> pathlib.Path:
-  """One JSON line per group; `extras[i]` (optional) adds keys to line i."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "w") as f:
-    for i, g in enumerate(groups):
-      row = g.to_json()
-      if extras is not None:
-        row.update(extras[i])
-      f.write(json.dumps(row, allow_nan=False) + "\n")
-  return path
-
-
-def read_rollouts(path: str | os.PathLike) -> list[RolloutGroup]:
-  with open(path) as f:
-    return [RolloutGroup.from_json(json.loads(line)) for line in f if line.strip()]
+from mopd_jax.weights import loading as model_loading
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -161,7 +61,7 @@ def read_rollouts(path: str | os.PathLike) -> list[RolloutGroup]:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerRun:
-  """What `trainer.sample_and_verify` reads from a `trainer.Run`: a frozen model, no optimizer.
+  """What `rollouts.sample_and_verify` reads from a `trainer.Run`: a frozen model, no optimizer.
 
   `config` must carry the trainer's `sampling`, `data.*_buckets` and `verifier` fields
   (any config built on `config_lib.base_config()` does).
@@ -176,45 +76,6 @@ class SamplerRun:
 
   def sampler_params(self) -> nnx.State:
     return self.params
-
-
-def groups_from_rollouts(rollouts: trainer.Rollouts) -> list[RolloutGroup]:
-  g = rollouts.group_size
-  out = []
-  for p, example in enumerate(rollouts.examples):
-    rows = range(p * g, (p + 1) * g)
-    verdicts = [rollouts.verdicts[r] for r in rows]
-    out.append(RolloutGroup(
-        example_id=example.example_id, prompt=tuple(example.prompt),
-        responses=tuple(rollouts.texts[r] for r in rows), rewards=tuple(v.reward for v in verdicts),
-        successes=tuple(v.success for v in verdicts),
-        response_tokens=tuple(tuple(rollouts.response_tokens[r]) for r in rows),
-        feedback=tuple(v.feedback for v in verdicts),
-        finish_reasons=tuple(rollouts.finish_reasons[r] for r in rows),
-        reference=example.reference if isinstance(example.reference, str) else ""))
-  return out
-
-
-def sample_groups(run: SamplerRun, examples: Sequence[Example], rng: jax.Array, *, num_samples: int,
-                  temperature: float, max_new_tokens: int, batch_prompts: int, progress: bool = True,
-                  desc: str = "sampling", top_p: Optional[float] = None) -> list[RolloutGroup]:
-  """G = num_samples verified responses for every example, `batch_prompts` prompts per call.
-  top_p: None = `config.sampling.top_p`; evaluation passes `config.eval.top_p`."""
-  shards = 1 if run.sample_mesh is None else sharding.num_batch_shards(run.sample_mesh)
-  batch_prompts = max(batch_prompts, 1)
-  bar = ProgressBar(desc, progress)
-  groups: list[RolloutGroup] = []
-  for start in range(0, len(examples), batch_prompts):
-    part = list(examples[start:start + batch_prompts])
-    # A prompt's G rows must stay on one shard: pad the prompt count to the shard count.
-    padded = part + [part[0]] * (-len(part) % shards)
-    rollouts = trainer.sample_and_verify(
-        run, padded, jax.random.fold_in(rng, start), group_size=num_samples, temperature=temperature,
-        top_p=top_p, max_new_tokens=max_new_tokens)
-    groups += groups_from_rollouts(rollouts)[:len(part)]
-    bar(len(groups), len(examples))
-  bar.close()
-  return groups
 
 
 class ProgressBar:
@@ -248,8 +109,8 @@ def load_model(config, checkpoint: str = "", *, which: str = "student", step: Op
   orbax_run = path is not None and checkpointing.is_run_dir(path)
   orbax_params = path is not None and not orbax_run and checkpointing.is_params_dir(path)
   base = m.checkpoint if (orbax_run or orbax_params or not checkpoint) else checkpoint
-  model, tokenizer = trainer.load_model_and_tokenizer(m.preset, base, m.tokenizer, m.param_dtype, m.dtype,
-                                                      config.seed)
+  model, tokenizer = model_loading.load_model_and_tokenizer(m.preset, base, m.tokenizer, m.param_dtype, m.dtype,
+                                                            config.seed)
   graphdef, params = nnx.split(model, nnx.Param)
   description = base or f"random {m.preset}"
   if orbax_run:
@@ -397,7 +258,7 @@ def eval_examples(config) -> list[Example]:
     from mopd_jax.tasks import load_task
     examples = list(load_task(config.data.task, **options))
   elif e.split in ("held_out", "train"):
-    train, held_out = trainer.load_examples(config)
+    train, held_out = task_loading.load_examples(config)
     examples = held_out if e.split == "held_out" else train
   else:
     raise ValueError(f"config.evaluate.split must be 'held_out', 'train' or 'all', got {e.split!r}")
@@ -413,7 +274,7 @@ def evaluate(config) -> tuple[EvaluationSummary, list[ItemResult], EvaluationPat
   if not examples:
     raise ValueError("config.evaluate: no items to evaluate")
   # As the trainer does: a prompt over data.max_prompt_len goes now, not mid-run in the sampler.
-  examples, dropped = trainer.drop_overlong_prompts(config, tokenizer, examples, None, "evaluation")
+  examples, dropped = task_loading.drop_overlong_prompts(config, tokenizer, examples, None, "evaluation")
   if dropped:
     print(f"[evaluate] {dropped} of {dropped + len(examples)} prompts over data.max_prompt_len="
           f"{config_lib.max_prompt_len(config)} tokens filtered out", file=sys.stderr)
@@ -421,10 +282,12 @@ def evaluate(config) -> tuple[EvaluationSummary, list[ItemResult], EvaluationPat
   if max(ks) > ev.num_samples:
     raise ValueError(f"config.evaluate.ks: pass@{max(ks)} needs eval.num_samples >= {max(ks)}")
   run = make_sampler_run(config, graphdef, params, tokenizer)
-  groups = sample_groups(
+  bar = ProgressBar("evaluate", e.progress)
+  groups = rollouts.sample_groups(
       run, examples, jax.random.key(e.seed), num_samples=ev.num_samples, temperature=ev.temperature,
-      top_p=ev.top_p, max_new_tokens=ev.max_new_tokens, batch_prompts=ev.batch_prompts, progress=e.progress,
-      desc="evaluate")
+      top_p=ev.top_p, max_new_tokens=ev.max_new_tokens, batch_prompts=ev.batch_prompts, fold_in_start=True,
+      progress=bar)
+  bar.close()
   summary, items = summarize(
       groups, ks, checkpoint=description, task=_task_name(config), temperature=ev.temperature,
       max_new_tokens=ev.max_new_tokens, seconds=time.perf_counter() - start, top_p=ev.top_p)

@@ -113,18 +113,18 @@ class MetricsLogger:
       for k, v in record.items():
         self._tb.add_scalar(k, v, step)
 
-  def write_rollouts(self, step: int, rollouts: Any, contexts: Any, count: int) -> None:
-    """A few rollouts with their verdicts and teacher contexts, for reading."""
+  def write_rollouts(self, step: int, groups: Any, count: int) -> None:
+    """The first `count` rollouts (`rollouts.RolloutGroup`s with teacher contexts) with their
+    verdicts and teacher contexts, for reading."""
     if not self.enabled:
       return
-    g = rollouts.group_size
     lines = [f"\n## step {step}\n"]
-    for r in range(min(count, len(rollouts.texts))):
-      ctx = contexts[r // g][r % g]
-      v = rollouts.verdicts[r]
-      lines.append(f"### rollout {r} (prompt {r // g}): reward {v.reward:.2f}, success {v.success}, "
+    shown = [(p, g, i) for p, g in enumerate(groups) for i in range(len(g))][:count]
+    for r, (p, group, i) in enumerate(shown):
+      ctx, v = group.contexts[i], group.verdicts()[i]
+      lines.append(f"### rollout {r} (prompt {p}): reward {v.reward:.2f}, success {v.success}, "
                    f"distill_mask {ctx.distill_mask}, sections {list(ctx.kinds)}\n")
-      lines.append("**response**\n\n```\n" + rollouts.texts[r] + "\n```\n")
+      lines.append("**response**\n\n```\n" + group.responses[i] + "\n```\n")
       if v.feedback:
         lines.append(f"**feedback**: {v.feedback[:500]}\n")
       teacher_user = ctx.messages[-1].content

@@ -76,7 +76,7 @@ def _zero_is_off(value: Any) -> Any:
   return None if type(value) in (int, float) and value == 0 else value
 
 
-def agg_norm(config) -> float | None:
+def agg_norm(config) -> float:
   """The constant of seq-mean-token-sum-norm: `loss.agg_norm`, or the longest response (0 or
   None). Not the padded length of the step's batch (verl's default), which follows the bucket."""
   value = config.loss.agg_norm

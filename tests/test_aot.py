@@ -16,9 +16,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import tiny
-from mopd_jax import aot, config_lib, flops, methods, trainer
+from mopd_jax import aot, config_lib, flops, methods
 from mopd_jax.models import get_preset
 from mopd_jax.train_step import StepConfig
+from mopd_jax.weights import loading as model_loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPOLOGY = "v5p:2x2x1"  # 4 chips, one host
@@ -201,7 +202,7 @@ def test_plan_models_follow_the_config_switches():
   plan = aot.make_plan(c, _topology())
   assert plan.student.remat and plan.student.attention_chunk == 32 and plan.student.dtype == "bfloat16"
   assert plan.student.remat_policy == "dots_saveable" and not plan.student.scan_layers
-  assert plan.student == trainer.preset_model_config("tiny-llama", "float32", **trainer.compute_options(c.model))
+  assert plan.student == model_loading.preset_model_config("tiny-llama", "float32", **model_loading.compute_options(c.model))
   assert plan.teacher.family == "qwen3" and not plan.teacher.remat  # never differentiated
   assert plan.teacher.attention_chunk == 32 and plan.step.method.teacher.mode == "external"
 

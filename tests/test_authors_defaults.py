@@ -15,8 +15,10 @@ import pytest
 from configs import default as default_config
 from configs import evaluate as evaluate_config
 from config_tools import override
-from mopd_jax import config_lib, evaluate, losses, peers, sharding, trainer
+import fakes
+from mopd_jax import config_lib, evaluate, losses, peers, rollouts, sharding, trainer
 from mopd_jax.sampling import FinishReason
+from mopd_jax.tasks import loading as task_loading
 from mopd_jax.types import Example, Message, Verdict
 from mopd_jax.verifiers.base import apply_success_threshold
 
@@ -37,8 +39,7 @@ def _tiny(**overrides):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  from mopd_jax import weights
-  return weights.load_gguf_tokenizer(weights.smollm2_gguf_path())
+  return fakes.smollm2_tokenizer()
 
 
 # ------------------------------------------------------------------------ paper configs
@@ -126,10 +127,7 @@ def _fake_run(config, tokenizer, calls, monkeypatch):
     calls.append(sampling_params)
     return _fake_sampler_result(prompts, num_samples)
 
-  monkeypatch.setattr(trainer.sampling_lib, "sample", sample)
-  return types.SimpleNamespace(
-      config=config, tokenizer=tokenizer, sampler_graphdef=None, sampler_params=lambda: None, sample_mesh=None,
-      verifier_pool=_FixedVerdicts(), peer_config=config_lib.peer_config(config))
+  return fakes.fake_sampler_run(config, tokenizer, sample, _FixedVerdicts(), monkeypatch)
 
 
 def test_evaluation_samples_at_eval_top_p_and_training_at_sampling_top_p(tokenizer, monkeypatch):
@@ -142,8 +140,8 @@ def test_evaluation_samples_at_eval_top_p_and_training_at_sampling_top_p(tokeniz
   assert result.k == c.eval.num_samples and calls
   assert {(p.top_p, p.temperature) for p in calls} == {(0.95, 0.6)}
   calls.clear()
-  trainer.sample_and_verify(run, examples[:2], jax.random.key(1), group_size=2, temperature=1.0,
-                            max_new_tokens=4, training=True)
+  rollouts.sample_and_verify(run, examples[:2], jax.random.key(1), group_size=2, temperature=1.0,
+                             max_new_tokens=4, training=True)
   assert calls[0].top_p == 0.9  # training rollouts keep sampling.top_p
 
 
@@ -152,14 +150,14 @@ def test_evaluate_cli_samples_at_eval_top_p(tmp_path, monkeypatch):
   config.evaluate.out_dir = str(tmp_path / "eval")
   config.eval.top_p = 0.95
   seen = []
-  real = trainer.sample_and_verify
+  real = rollouts.sample_and_verify
 
   def recording(run, examples, rng, **kwargs):
     seen.append(kwargs["top_p"])
     return real(run, examples, rng, **kwargs)
 
-  monkeypatch.setattr(trainer, "sample_and_verify", recording)
-  monkeypatch.setattr(trainer.sampling_lib, "sample", lambda model, prompts, *, num_samples, **kw:
+  monkeypatch.setattr(rollouts, "sample_and_verify", recording)
+  monkeypatch.setattr(rollouts.sampling_lib, "sample", lambda model, prompts, *, num_samples, **kw:
                       _fake_sampler_result(prompts, num_samples))  # no decoding: only the settings matter
   summary, _, paths = evaluate.evaluate(config)
   assert seen and set(seen) == {0.95} and summary.top_p == 0.95
@@ -176,15 +174,15 @@ def _examples(lengths, prefix="p"):
 def test_overlong_prompts_are_dropped_as_the_sampler_would_see_them(tokenizer):
   c = _tiny(**{"data.prompt_buckets": (64,)})  # max_prompt_len 0: the largest bucket
   train, held_out = _examples([5, 200, 10, 80]), _examples([3, 300], "e")
-  kept, kept_eval, stats = trainer.filter_prompts(c, tokenizer, config_lib.peer_config(c), train, held_out)
+  kept, kept_eval, stats = task_loading.filter_prompts(c, tokenizer, config_lib.peer_config(c), train, held_out)
   assert [e.example_id for e in kept] == ["p0", "p2"] and [e.example_id for e in kept_eval] == ["e0"]
   assert (stats.max_prompt_len, stats.train_dropped, stats.train_kept, stats.eval_dropped) == (64, 2, 2, 1)
   assert "2 of 4 training, 1 of 2 eval" in stats.message()
   # The limit counts chat-templated tokens, not the text's.
-  n = len(trainer.chat_prompt_tokens(tokenizer, train[2].prompt, False))
+  n = len(rollouts.chat_prompt_tokens(tokenizer, train[2].prompt, False))
   assert n > len(tokenizer.encode(train[2].prompt[0].content))
   c.data.max_prompt_len = n - 1
-  assert [e.example_id for e in trainer.drop_overlong_prompts(c, tokenizer, train, None, "training")[0]] == ["p0"]
+  assert [e.example_id for e in task_loading.drop_overlong_prompts(c, tokenizer, train, None, "training")[0]] == ["p0"]
 
 
 def test_training_prompts_are_measured_with_their_instruction(tokenizer):
@@ -193,22 +191,23 @@ def test_training_prompts_are_measured_with_their_instruction(tokenizer):
   c = _tiny()
   summaries = dataclasses.replace(peers.PeerConfig(), use_summaries=True)
   example = _examples([10])
-  plain = len(trainer.chat_prompt_tokens(tokenizer, example[0].prompt, False))
-  instructed = len(trainer.chat_prompt_tokens(tokenizer, peers.student_prompt(example[0].prompt, summaries), False))
+  plain = len(rollouts.chat_prompt_tokens(tokenizer, example[0].prompt, False))
+  instructed = len(rollouts.chat_prompt_tokens(tokenizer, peers.student_prompt(example[0].prompt, summaries), False))
   assert instructed > plain
   c.data.max_prompt_len = plain
-  assert trainer.drop_overlong_prompts(c, tokenizer, example * 2, None, "eval")[1] == 0
+  assert task_loading.drop_overlong_prompts(c, tokenizer, example * 2, None, "eval")[1] == 0
   with pytest.raises(config_lib.ConfigError, match="all 2 training prompts are longer than"):
-    trainer.drop_overlong_prompts(c, tokenizer, example * 2, summaries, "training")
+    task_loading.drop_overlong_prompts(c, tokenizer, example * 2, summaries, "training")
 
 
 def test_overlong_prompt_without_the_filter_fails_at_load_time_naming_it(tokenizer):
   c = _tiny(**{"data.prompt_buckets": (64,), "data.filter_overlong_prompts": False})
   with pytest.raises(config_lib.ConfigError, match=r"filter_overlong_prompts=False: training prompt 1 \(example_id 'p1'\) "
                                                    r"has \d+ tokens .* over data.max_prompt_len=64"):
-    trainer.drop_overlong_prompts(c, tokenizer, _examples([5, 200]), None, "training")
+    task_loading.drop_overlong_prompts(c, tokenizer, _examples([5, 200]), None, "training")
   with pytest.raises(config_lib.ConfigError, match="all 1 eval prompts are longer than 64"):
-    trainer.drop_overlong_prompts(_tiny(**{"data.prompt_buckets": (64,)}), tokenizer, _examples([200]), None, "eval")
+    task_loading.drop_overlong_prompts(_tiny(**{"data.prompt_buckets": (64,)}), tokenizer, _examples([200]), None,
+                                       "eval")
 
 
 @pytest.mark.parametrize("value, message", [
@@ -262,12 +261,12 @@ def test_training_rollouts_use_the_success_threshold_and_evaluation_does_not(tok
   run = _fake_run(c, tokenizer, [], monkeypatch)
   examples = _examples([3, 4])
   kwargs = dict(group_size=2, temperature=1.0, max_new_tokens=4)
-  train = trainer.sample_and_verify(run, examples, jax.random.key(0), training=True, **kwargs)
-  held_out = trainer.sample_and_verify(run, examples, jax.random.key(0), **kwargs)
-  assert all(v.success for v in train.verdicts) and not any(v.success for v in held_out.verdicts)
+  successes = lambda groups: [s for g in groups for s in g.successes]
+  train = rollouts.sample_and_verify(run, examples, jax.random.key(0), training=True, **kwargs)
+  held_out = rollouts.sample_and_verify(run, examples, jax.random.key(0), **kwargs)
+  assert all(successes(train)) and not any(successes(held_out))
   c.verifier.success_threshold = 1.0
-  assert not any(v.success for v in trainer.sample_and_verify(run, examples, jax.random.key(0), training=True,
-                                                               **kwargs).verdicts)
+  assert not any(successes(rollouts.sample_and_verify(run, examples, jax.random.key(0), training=True, **kwargs)))
 
 
 # ------------------------------------------------------------------------ the authors' aggregation

@@ -12,6 +12,7 @@ import ml_collections
 import pytest
 
 from mopd_jax import config_lib, methods, trainer  # noqa: E402
+from mopd_jax.weights import loading as model_loading
 
 # Sub-dicts passed as keyword options to a registry entry (peers.get_preset, the task loader),
 # which validates them itself: their keys are free-form, so they are leaves here.
@@ -76,7 +77,7 @@ def test_mesh_allows_one_inferred_axis_only():
 def test_bad_config_fails_in_setup_before_any_model_loads(monkeypatch):
   c = config_lib.base_config()
   c.mesh.data = 0  # was a ZeroDivisionError inside validate
-  monkeypatch.setattr(trainer, "load_model_and_tokenizer",
+  monkeypatch.setattr(model_loading, "load_model_and_tokenizer",
                       lambda *a, **k: pytest.fail("validation must fail before models load"))
   with pytest.raises(config_lib.ConfigError, match=r"^config\.mesh\.data: "):
     trainer.setup(c)

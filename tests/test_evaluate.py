@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from configs import evaluate as evaluate_config
-from mopd_jax import checkpointing, evaluate
+from mopd_jax import checkpointing, evaluate, rollouts
 from mopd_jax.passk import pass_at_k
 from mopd_jax.train_step import TeacherState, init_train_state, make_optimizer
 from mopd_jax.types import Message
 
 
-def _group(i: int, successes: list[bool], texts: list[str] | None = None) -> evaluate.RolloutGroup:
+def _group(i: int, successes: list[bool], texts: list[str] | None = None) -> rollouts.RolloutGroup:
   texts = texts or [f"answer {i} {j}" for j in range(len(successes))]
-  return evaluate.RolloutGroup(
+  return rollouts.RolloutGroup(
       example_id=f"ex{i}", prompt=(Message("user", f"q{i}"),), responses=tuple(texts),
       rewards=tuple(float(s) for s in successes), successes=tuple(successes),
       response_tokens=tuple((1,) * (j + 1) for j in range(len(successes))),
@@ -46,7 +46,7 @@ def test_summary_pass_at_k_mean_and_diversity(tmp_path):
   assert summary.diversity.n_groups == 3
   paths = evaluate.write_results(tmp_path, summary, items)
   # items.jsonl is a rollout dump (readable by the teacher-signal analysis) with extras.
-  assert evaluate.read_rollouts(paths.items) == groups
+  assert rollouts.read_rollouts(paths.items) == groups
   first = json.loads(paths.items.read_text().splitlines()[0])
   assert first["pass_at_k"]["2"] == pytest.approx(0.5) and first["n_success"] == 1
   assert set(first["diversity"]) >= {"distinct_1", "distinct_2", "jaccard_similarity", "edit_similarity"}

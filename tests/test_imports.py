@@ -1,6 +1,6 @@
 """Imports: every module imports on its own from anywhere (the installed packages, no sys.path
 edits), and the dependency directions stay one way (tokenizer below weights, evaluate below
-analysis)."""
+analysis, rollouts below the trainer, evaluate and analysis)."""
 
 from __future__ import annotations
 
@@ -124,6 +124,16 @@ def test_imports_go_one_way(upper, lower, user):
   assert not back, " -> ".join(back)
 
 
+def test_rollouts_sit_below_the_trainer_evaluation_and_analysis():
+  """trainer, evaluate and analysis -> rollouts (one rollout-group record), never back."""
+  graph = _graph()
+  above = {"mopd_jax.trainer", "mopd_jax.evaluate"} | _group(graph, "mopd_jax.analysis")
+  for user in ("mopd_jax.trainer", "mopd_jax.evaluate", "mopd_jax.analysis.teacher_signal"):
+    assert "mopd_jax.rollouts" in graph[user], user
+  back = _reaches(graph, "mopd_jax.rollouts", above)
+  assert not back, " -> ".join(back)
+
+
 def test_evaluate_leaves_the_checkpoint_layout_to_checkpointing():
   source = (REPO / "mopd_jax" / "evaluate.py").read_text()
   assert "orbax.checkpoint" not in _imports(REPO / "mopd_jax" / "evaluate.py", "mopd_jax.evaluate")
@@ -165,3 +175,40 @@ def test_every_module_imports_alone_from_outside_the_repo(tmp_path):
     if not origin or not Path(origin).resolve().is_relative_to(REPO):
       pytest.skip(f"the installed {package} ({origin}) is not this checkout: pip install --no-deps -e {REPO}")
   assert result["failed"] == {}, "\n".join(f"{m}:\n{e}" for m, e in result["failed"].items())
+
+
+def _layers() -> dict[str, int]:
+  """DEVELOPERS.md's layer table: module path below mopd_jax (`tasks`, or `tasks.loading` for a
+  module placed apart from its package) -> its layer (0 = lowest)."""
+  table = (REPO / "DEVELOPERS.md").read_text().split("## Layers", 1)[1].split("\n## ", 1)[0]
+  out, layer = {}, -1
+  for line in table.splitlines():
+    if not line.startswith("    ") or not line.strip():
+      continue
+    if not line.startswith("      "):  # a deeper indent continues the layer above
+      layer += 1
+    names = line.strip().split("   ")[0]  # the module list, before the description column
+    out.update((n.strip(), layer) for n in names.split(",") if n.strip())
+  return out
+
+
+def _layer_of(module: str, layers: dict[str, int]) -> tuple[str, int]:
+  """(table entry, layer) of a module: its longest dotted prefix in the table."""
+  parts = module.split(".")[1:]
+  for n in range(len(parts), 0, -1):
+    name = ".".join(parts[:n])
+    if name in layers:
+      return name, layers[name]
+  return parts[0], -1
+
+
+def test_the_layers_in_developers_md_hold():
+  """Every module of mopd_jax is in DEVELOPERS.md's layer table, and none imports a module of a
+  higher layer (at any depth, function bodies too)."""
+  layers, graph = _layers(), _graph()
+  modules = [m for m in graph if m != "mopd_jax"]
+  missing = sorted({_layer_of(m, layers)[0] for m in modules if _layer_of(m, layers)[1] < 0})
+  assert not missing, f"add {missing} to the layer table in DEVELOPERS.md"
+  upward = sorted(f"{m} -> {d}" for m in modules for d in graph[m] if d != "mopd_jax"
+                  and _layer_of(d, layers)[1] > _layer_of(m, layers)[1])
+  assert not upward, f"imports from a higher layer: {upward}"

@@ -3,7 +3,7 @@
 `max_teacher_prompt_len` used to count only message contents; truncation filled it exactly and
 the chat template's own tokens (system prompt, role markers, the assistant opening) pushed the
 prompt past the largest bucket mid-run. These tests drive real long peers through the trainer's
-own path (`trainer.teacher_rows` then `trainer.build_batch`) with SmolLM2's real tokenizer.
+own path (`rollouts.with_teacher_contexts` then `trainer.build_batch`) with SmolLM2's real tokenizer.
 """
 
 import types
@@ -13,7 +13,8 @@ import pytest
 
 from configs import default as default_config
 from config_tools import override
-from mopd_jax import config_lib, peers, trainer, weights
+import fakes
+from mopd_jax import config_lib, peers, rollouts, trainer
 from mopd_jax.types import Example, Message, Verdict
 
 BUCKET = 512
@@ -22,10 +23,7 @@ GROUP = 4
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  try:
-    return weights.load_gguf_tokenizer(weights.smollm2_gguf_path())
-  except FileNotFoundError as e:
-    pytest.skip(f"SmolLM2 GGUF absent: {e}")
+  return fakes.smollm2_tokenizer()
 
 
 def long_text(seed: int, words: int) -> str:
@@ -35,7 +33,7 @@ def long_text(seed: int, words: int) -> str:
   return " ".join(rng.choice(vocab, size=words))
 
 
-def rollouts_of_long_peers(tokenizer, *, system: bool) -> trainer.Rollouts:
+def group_of_long_peers(tokenizer, *, system: bool) -> rollouts.RolloutGroup:
   """One prompt, G rollouts of ~600 tokens each: two successes and two failures."""
   prompt = ((Message("system", "You are a careful tutor."),) if system else ()) + (
       Message("user", "What is 17 + 25? Show your work."),)
@@ -43,10 +41,13 @@ def rollouts_of_long_peers(tokenizer, *, system: bool) -> trainer.Rollouts:
   texts = [long_text(i, 500) for i in range(GROUP)]
   verdicts = [Verdict(success=i < 2, reward=float(i < 2), feedback="" if i < 2 else "wrong") for i in range(GROUP)]
   responses = [tokenizer.encode(t)[:60] for t in texts]  # what the student is trained on (any length)
-  return trainer.Rollouts(
-      examples=[example], prompt_tokens=[trainer.chat_prompt_tokens(tokenizer, prompt, False)],
-      response_tokens=responses, response_logprobs=[[-1.0] * len(r) for r in responses], texts=texts,
-      verdicts=verdicts, finish_reasons=["stop"] * GROUP, group_size=GROUP)
+  return rollouts.group_of(
+      example, prompt, rollouts.chat_prompt_tokens(tokenizer, prompt, False), responses,
+      [[-1.0] * len(r) for r in responses], texts, verdicts, ["stop"] * GROUP)
+
+
+def with_contexts(run, groups):
+  return rollouts.with_teacher_contexts(groups, run.peer_config, run.tokenizer, enable_thinking=False)
 
 
 def paper_like_run(tokenizer, truncation="right"):
@@ -65,9 +66,9 @@ def paper_like_run(tokenizer, truncation="right"):
 @pytest.mark.parametrize("truncation", ["right", "left"])
 def test_contexts_filled_to_the_limit_fit_the_largest_teacher_bucket(tokenizer, system, truncation):
   run = paper_like_run(tokenizer, truncation)
-  rollouts = rollouts_of_long_peers(tokenizer, system=system)
-  contexts, teacher_prompts = trainer.teacher_rows(run, rollouts, step=0, group_offset=0)
-  flat = [c for row in contexts for c in row]
+  groups = with_contexts(run, [group_of_long_peers(tokenizer, system=system)])
+  flat = [c for g in groups for c in g.contexts]
+  teacher_prompts = [p for g in groups for p in g.teacher_prompt_tokens]
   assert all(c.truncated for c in flat), "the peers are long enough that every context is truncated"
   lengths = [len(p) for p in teacher_prompts]
   assert max(lengths) <= BUCKET
@@ -75,14 +76,14 @@ def test_contexts_filled_to_the_limit_fit_the_largest_teacher_bucket(tokenizer, 
   assert min(lengths) >= BUCKET - 8, lengths
   # The recorded length is the templated one, the number the bucket holds.
   assert [c.num_tokens for c in flat] == lengths
-  batch = trainer.build_batch(run, rollouts, teacher_prompts, contexts)  # raised "exceeds the largest bucket" before
+  batch = trainer.build_batch(run, groups)  # raised "exceeds the largest bucket" before
   assert batch.teacher_tokens.shape == (GROUP, BUCKET + 64)
 
 
 def test_error_truncation_counts_the_template_tokens(tokenizer):
   run = paper_like_run(tokenizer, truncation="error")
   with pytest.raises(peers.TeacherPromptTooLongError, match=r"tokens > max_teacher_prompt_len=512"):
-    trainer.teacher_rows(run, rollouts_of_long_peers(tokenizer, system=False), step=0, group_offset=0)
+    with_contexts(run, [group_of_long_peers(tokenizer, system=False)])
 
 
 @pytest.mark.parametrize("overrides, message", [

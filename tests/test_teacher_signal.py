@@ -12,7 +12,7 @@ import pytest
 from configs import teacher_signal as teacher_signal_config
 from mopd_jax import peers
 from mopd_jax.analysis import scoring, teacher_signal
-from mopd_jax.evaluate import RolloutGroup, read_rollouts, write_rollouts
+from mopd_jax.rollouts import RolloutGroup, read_rollouts, write_rollouts
 from mopd_jax.types import Message
 
 PROMPT = (Message("system", "Be brief."), Message("user", "What is 2+2?"))
@@ -113,7 +113,7 @@ def _tiny_config(tmp_path, dump: str):
 
 
 def test_end_to_end_on_a_dump_with_a_tiny_model(tmp_path):
-  from mopd_jax import evaluate, trainer
+  from mopd_jax import evaluate, rollouts
 
   dump = write_rollouts(tmp_path / "rollouts.jsonl", _rollouts(3))
   config = _tiny_config(tmp_path, str(dump))
@@ -131,7 +131,7 @@ def test_end_to_end_on_a_dump_with_a_tiny_model(tmp_path):
   # chat-templated plain prompt, at the sampling temperature: recompute them naively.
   graphdef, params, tokenizer, _ = evaluate.load_model(config, config.model.checkpoint)
   rows = [json.loads(line) for line in paths.scores.read_text().splitlines()]
-  pairs = [(trainer.chat_prompt_tokens(tokenizer, g.prompt, False), tokenizer.encode(r))
+  pairs = [(rollouts.chat_prompt_tokens(tokenizer, g.prompt, False), tokenizer.encode(r))
            for g in _rollouts(3) for r in g.responses]
   full = scoring.score_full((graphdef, params), pairs, params=scoring.ScoringParams(
       context_buckets=(128,), response_buckets=(16,), temperature=config.sampling.temperature))

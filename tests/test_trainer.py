@@ -9,9 +9,11 @@ import pytest
 
 from configs import default as default_config  # noqa: E402
 from config_tools import override  # noqa: E402
-from mopd_jax import config_lib, methods, peers, sampling, trainer  # noqa: E402
+from mopd_jax import config_lib, methods, peers, rollouts, sampling, trainer  # noqa: E402
 from mopd_jax.logging_lib import MetricsLogger  # noqa: E402
+from mopd_jax.tasks import loading as task_loading  # noqa: E402
 from mopd_jax.types import Verdict  # noqa: E402
+from mopd_jax.weights import loading as model_loading  # noqa: E402
 
 
 def tiny(method="mopd", **overrides):
@@ -128,8 +130,8 @@ def test_default_config_closing_argument():
 
 
 def test_model_compute_switches_reach_the_model():
-  model, _ = trainer.load_model_and_tokenizer("tiny-llama", "", "", "float32", "bfloat16", 0,
-                                              remat=True, attention_chunk=64, attention_impl="cudnn")
+  model, _ = model_loading.load_model_and_tokenizer("tiny-llama", "", "", "float32", "bfloat16", 0,
+                                                    remat=True, attention_chunk=64, attention_impl="cudnn")
   assert model.config.remat and model.config.attention_chunk == 64 and model.config.attention_impl == "cudnn"
 
 
@@ -141,9 +143,9 @@ def test_external_teacher_with_another_tokenizer_is_refused():
     def encode(self, text):
       return [ord(ch) % self.vocab_size for ch in text]
 
-  trainer.check_same_tokenizer(Tok(300), Tok(300))
+  model_loading.check_same_tokenizer(Tok(300), Tok(300))
   with pytest.raises(config_lib.ConfigError, match="tokenizer differs"):
-    trainer.check_same_tokenizer(Tok(300), Tok(301))
+    model_loading.check_same_tokenizer(Tok(300), Tok(301))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -310,7 +312,7 @@ def _script(monkeypatch, run, texts, tmp_path):
         scaled_logprobs=np.full(tokens.shape, -1.0, np.float32),
         finish_reasons=(sampling.FinishReason.STOP,) * len(rows))
 
-  monkeypatch.setattr(trainer.sampling_lib, "sample", sample)
+  monkeypatch.setattr(rollouts.sampling_lib, "sample", sample)
   monkeypatch.setattr(run, "verifier_pool", _ByPrefix())
   monkeypatch.setattr(run, "logger", MetricsLogger(str(tmp_path), progress=False))
   return seen
@@ -323,14 +325,14 @@ def _peers(run, preset, **options):
 
 def _capture_contexts(monkeypatch):
   captured = []
-  real = trainer.teacher_rows
+  real = rollouts.with_teacher_contexts
 
-  def teacher_rows(*args):
-    contexts, prompts = real(*args)
-    captured.append(contexts)
-    return contexts, prompts
+  def with_teacher_contexts(*args, **kwargs):
+    groups = real(*args, **kwargs)
+    captured.append([g.contexts for g in groups])
+    return groups
 
-  monkeypatch.setattr(trainer, "teacher_rows", teacher_rows)
+  monkeypatch.setattr(rollouts, "with_teacher_contexts", with_teacher_contexts)
   return captured
 
 
@@ -404,6 +406,6 @@ def test_a_file_task_holds_out_its_tail_and_eval_size_zero_keeps_every_example(t
   path.write_text("".join(json.dumps({"prompt": f"What is {i}+1?", "verifier": "math", "reference": str(i + 1)}) + "\n"
                           for i in range(5)))
   c = tiny(**{"data.task": "jsonl", "data.path": str(path), "data.eval_size": eval_size, "data.options": {}})
-  train_examples, eval_examples = trainer.load_examples(c)
+  train_examples, eval_examples = task_loading.load_examples(c)
   assert (len(train_examples), len(eval_examples)) == (train, held_out)
   assert [e.reference for e in train_examples + eval_examples] == [str(i + 1) for i in range(5)]

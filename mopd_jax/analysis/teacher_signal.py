@@ -5,11 +5,14 @@
     python -m mopd_jax.analysis.teacher_signal --config.analysis.rollouts_in=runs/x/rollouts.jsonl
 
 1. Freeze rollouts: sample G responses per prompt with the student and verify them
-   (`evaluate.sample_groups`, i.e. the trainer's sampler and verifiers), then write them to
-   `<out_dir>/rollouts.jsonl` (schema: `evaluate.RolloutGroup`); or read such a dump
+   (`rollouts.sample_groups`, i.e. the trainer's sampler and verifiers), then write them to
+   `<out_dir>/rollouts.jsonl` (schema: `rollouts.RolloutGroup`); or read such a dump
    (`analysis.rollouts_in`; `evaluate`'s items.jsonl is one too).
 2. Build every response's teacher context under each *variant* (`VARIANTS`, below): for
    response i of a prompt, the context built for i from its peers (i itself never appears).
+   Variants that are a `PeerConfig` build through training's own path
+   (`rollouts.teacher_contexts`), measuring the teacher prompt as training does: chat-templated
+   tokens against `analysis.max_teacher_prompt_len` (`variant_options`).
 3. Score each response's tokens, teacher-forced, under each of its contexts with the teacher
    (the student model itself unless `analysis.teacher_checkpoint`), at the sampling
    temperature, with `scoring.score_pairs`: every distinct context is encoded once and
@@ -34,8 +37,10 @@ Variants (no variant shows feedback: feedback on i itself would leak i's own ver
   unrelated_prompt   control: as many successes of *other* prompts, neutral label
   top<N>_reward      control: the N other responses with the highest reward (ties: lower
                      index first), neutral label; N in the name, e.g. top3_reward
-The peers.py options are used where they map (`PeerConfig` with feedback off); the rest are
-small functions producing the same `TeacherContext` records and message layout.
+The peers.py options are used where they map (`PeerConfig` with feedback off); the rest
+(all_solutions, top<N>_reward: no peers.py mode) are small functions producing the same
+`TeacherContext` records and message layout, measured with the same token counts (they drop
+trailing sections whole to fit, where peers.py cuts section text).
 """
 
 from __future__ import annotations
@@ -53,10 +58,13 @@ import jax
 import numpy as np
 
 from mopd_jax import evaluate as evaluate_lib
-from mopd_jax import peers, sharding, trainer
+from mopd_jax import peers, sharding
+from mopd_jax import rollouts as rollouts_lib
 from mopd_jax.analysis import report, scoring
 from mopd_jax.analysis import stats as st
-from mopd_jax.evaluate import RolloutGroup
+from mopd_jax.rollouts import RolloutGroup
+from mopd_jax.tasks import loading as task_loading
+from mopd_jax.weights import loading as model_loading
 from mopd_jax.logging_lib import quiet_library_logs
 from mopd_jax.tokenizer import Tokenizer
 from mopd_jax.types import Message
@@ -77,10 +85,25 @@ class VariantOptions:
   max_teacher_prompt_len: int = 10240
   labels: peers.PeerLabels = peers.PeerLabels()
   count_tokens: peers.CountTokens = peers.approx_token_count
+  # A whole teacher prompt's length (training's: chat-templated tokens, `variant_options`);
+  # None: `count_tokens` summed over the message contents.
+  count_prompt_tokens: Optional[peers.CountPromptTokens] = None
+
+  def prompt_length(self, messages: Sequence[Message]) -> int:
+    if self.count_prompt_tokens is not None:
+      return self.count_prompt_tokens(messages)
+    return sum(self.count_tokens(m.content) for m in messages)
+
+
+def variant_options(config, tokenizer: Tokenizer) -> VariantOptions:
+  """The run's variant settings, with training's token counts (`rollouts.token_counts`)."""
+  counts = rollouts_lib.token_counts(tokenizer, config.sampling.enable_thinking)
+  return VariantOptions(seed=config.seed, max_teacher_prompt_len=config.analysis.max_teacher_prompt_len,
+                        count_tokens=counts.count_tokens, count_prompt_tokens=counts.count_prompt_tokens)
 
 
 Contexts = list[list[peers.TeacherContext]]  # [prompt][response]
-VariantFn = Callable[[Sequence[peers.Group], VariantOptions], Contexts]
+VariantFn = Callable[[Sequence[RolloutGroup], VariantOptions], Contexts]
 VARIANTS: dict[str, VariantFn] = {}
 
 
@@ -107,13 +130,24 @@ def get_variant(name: str) -> VariantFn:
   raise ValueError(f"unknown teacher-signal variant {name!r}; known: {sorted(VARIANTS)} and top<N>_reward")
 
 
+PEER_VARIANTS: dict[str, dict[str, Any]] = {}  # name -> its PeerConfig fields
+
+
+def variant_peer_config(name: str, options: VariantOptions) -> peers.PeerConfig:
+  """The `PeerConfig` of a peer variant (feedback always off)."""
+  return peers.PeerConfig(
+      include_feedback=False, seed=options.seed, max_teacher_prompt_len=options.max_teacher_prompt_len,
+      labels=options.labels, **PEER_VARIANTS[name])
+
+
 def _peer_variant(name: str, **fields: Any) -> None:
-  """A variant that is a `PeerConfig` (feedback always off)."""
-  def build(groups: Sequence[peers.Group], options: VariantOptions) -> Contexts:
-    config = peers.PeerConfig(
-        include_feedback=False, seed=options.seed, max_teacher_prompt_len=options.max_teacher_prompt_len,
-        labels=options.labels, **fields)
-    return peers.build_teacher_contexts(groups, config, count_tokens=options.count_tokens)
+  """A variant that is a `PeerConfig`, built as training builds its contexts."""
+  PEER_VARIANTS[name] = fields
+
+  def build(groups: Sequence[RolloutGroup], options: VariantOptions) -> Contexts:
+    return rollouts_lib.teacher_contexts(
+        groups, variant_peer_config(name, options), count_tokens=options.count_tokens,
+        count_prompt_tokens=options.count_prompt_tokens)
   register_variant(name)(build)
 
 
@@ -132,19 +166,19 @@ _peer_variant("unrelated_prompt", control="unrelated_prompt", control_match="blo
 def _context(groups: Sequence[peers.Group], pos: int, i: int, sections: list[peers.Section],
              options: VariantOptions) -> peers.TeacherContext:
   """A TeacherContext from sections, in peers.py's layout; trailing sections are dropped while
-  the prompt exceeds max_teacher_prompt_len."""
+  the prompt (as `options.prompt_length` measures it) exceeds max_teacher_prompt_len."""
   group = groups[pos]
   *kept, last = group.prompt
-  prefix = sum(options.count_tokens(m.content) for m in kept)
   # Same rendering as peers.py (problem, labelled sections, closing line).
-  render = lambda secs: peers._render_user(last.content, secs, options.labels) if secs else last.content
+  render = lambda secs: (*kept, Message("user", peers._render_user(last.content, secs, options.labels))
+                         ) if secs else tuple(group.prompt)
   truncated = False
-  while sections and prefix + options.count_tokens(render(sections)) > options.max_teacher_prompt_len:
+  while sections and options.prompt_length(render(sections)) > options.max_teacher_prompt_len:
     sections, truncated = sections[:-1], True
-  messages = (*kept, Message("user", render(sections))) if sections else group.prompt
+  messages = render(sections)
   return peers.TeacherContext(
       group=pos, rollout=i, messages=tuple(messages), distill_mask=1.0 if sections else 0.0,
-      sections=tuple(sections), truncated=truncated, num_tokens=prefix + options.count_tokens(render(sections)))
+      sections=tuple(sections), truncated=truncated, num_tokens=options.prompt_length(messages))
 
 
 def _section(groups: Sequence[peers.Group], kind: str, label: str, pos: int, j: int) -> peers.Section:
@@ -152,8 +186,9 @@ def _section(groups: Sequence[peers.Group], kind: str, label: str, pos: int, j: 
 
 
 @register_variant("all_solutions")
-def all_solutions_contexts(groups: Sequence[peers.Group], options: VariantOptions) -> Contexts:
+def all_solutions_contexts(rollouts: Sequence[RolloutGroup], options: VariantOptions) -> Contexts:
   """Every other success, the first labelled as the correct solution, the rest as others."""
+  groups = [g.peer_group() for g in rollouts]
   labels = options.labels
   out = []
   for pos, group in enumerate(groups):
@@ -167,8 +202,9 @@ def all_solutions_contexts(groups: Sequence[peers.Group], options: VariantOption
   return out
 
 
-def top_reward_contexts(groups: Sequence[peers.Group], options: VariantOptions, n: int) -> Contexts:
+def top_reward_contexts(rollouts: Sequence[RolloutGroup], options: VariantOptions, n: int) -> Contexts:
   """Control: the n other responses with the highest reward, under the neutral label."""
+  groups = [g.peer_group() for g in rollouts]
   out = []
   for pos, group in enumerate(groups):
     row = []
@@ -215,8 +251,7 @@ def response_tokens(group: RolloutGroup, tokenizer: Tokenizer) -> list[list[int]
 
 def build_variant_contexts(rollouts: Sequence[RolloutGroup], variants: Sequence[str], options: VariantOptions
                            ) -> dict[str, Contexts]:
-  groups = [peers.Group(prompt=g.prompt, responses=g.responses, verdicts=g.verdicts()) for g in rollouts]
-  return {name: get_variant(name)(groups, options) for name in variants}
+  return {name: get_variant(name)(rollouts, options) for name in variants}
 
 
 def score_variants(
@@ -236,7 +271,7 @@ def score_variants(
 
   def template(messages: tuple[Message, ...]) -> tuple[int, ...]:
     if messages not in prompt_tokens:
-      prompt_tokens[messages] = tuple(trainer.chat_prompt_tokens(tokenizer, messages, enable_thinking))
+      prompt_tokens[messages] = tuple(rollouts_lib.chat_prompt_tokens(tokenizer, messages, enable_thinking))
     return prompt_tokens[messages]
 
   responses = [response_tokens(g, tokenizer) for g in rollouts]
@@ -403,14 +438,16 @@ def freeze_rollouts(config, run: evaluate_lib.SamplerRun, out_dir: pathlib.Path
   reads `analysis.rollouts_in` (path None)."""
   a = config.analysis
   if a.rollouts_in:
-    return evaluate_lib.read_rollouts(a.rollouts_in)[:a.num_prompts or None], None
-  train, _ = trainer.load_examples(config)
+    return rollouts_lib.read_rollouts(a.rollouts_in)[:a.num_prompts or None], None
+  train, _ = task_loading.load_examples(config)
   examples = train[:a.num_prompts] if a.num_prompts else train
-  groups = evaluate_lib.sample_groups(
+  bar = evaluate_lib.ProgressBar("sampling rollouts", a.progress)
+  groups = rollouts_lib.sample_groups(
       run, examples, jax.random.key(config.seed), num_samples=config.sampling.group_size,
       temperature=config.sampling.temperature, max_new_tokens=config.sampling.max_new_tokens,
-      batch_prompts=a.sample_batch_prompts, progress=a.progress, desc="sampling rollouts")
-  return groups, evaluate_lib.write_rollouts(out_dir / "rollouts.jsonl", groups)
+      batch_prompts=a.sample_batch_prompts, fold_in_start=True, progress=bar)
+  bar.close()
+  return groups, rollouts_lib.write_rollouts(out_dir / "rollouts.jsonl", groups)
 
 
 def scoring_params(config, pad_id: int) -> scoring.ScoringParams:
@@ -434,11 +471,9 @@ def run_analysis(config) -> tuple[SignalPaths, report.AnalysisSummary]:
   teacher, teacher_description = (run.sampler_graphdef, run.params), f"the student ({description})"
   if a.teacher_checkpoint:
     t_graphdef, t_params, t_tokenizer, teacher_description = evaluate_lib.load_model(config, a.teacher_checkpoint)
-    trainer.check_same_tokenizer(tokenizer, t_tokenizer)
+    model_loading.check_same_tokenizer(tokenizer, t_tokenizer)
     teacher = (t_graphdef, sharding.shard_params(t_params, run.sample_mesh))
-  count = lambda text: len(tokenizer.encode(text))
-  options = VariantOptions(seed=config.seed, max_teacher_prompt_len=a.max_teacher_prompt_len, count_tokens=count)
-  contexts = build_variant_contexts(rollouts, tuple(a.variants), options)
+  contexts = build_variant_contexts(rollouts, tuple(a.variants), variant_options(config, tokenizer))
   params_ = scoring_params(config, tokenizer.pad_id)
   scores = score_variants(teacher, tokenizer, rollouts, contexts, params=params_,
                           enable_thinking=config.sampling.enable_thinking, mesh=run.sample_mesh, progress=a.progress)
