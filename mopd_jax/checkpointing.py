@@ -446,6 +446,11 @@ def check_same_model(stored: dict[str, Any], like: Any, where: str) -> None:
   problems += [f"{name}: checkpoint {_shape(m)}, not in the model" for name, m in stored.items() if name not in wanted]
   if problems:
     more = f" (and {len(problems) - 1} more mismatching tensors)" if len(problems) > 1 else ""
+    if all(p.startswith("state.opt_state.") for p in problems):
+      raise CheckpointMismatchError(
+          f"{where} holds the same model with another optimizer state: {problems[0]}{more}. A checkpoint saved "
+          "before the optimizer was wrapped in optax.apply_if_finite (2026-12-02) cannot resume; its params "
+          "still load (docs/GOTCHAS.md)")
     raise CheckpointMismatchError(f"{where} holds another model: {problems[0]}{more}")
 
 

@@ -18,6 +18,7 @@ from configs import default as default_config
 from config_tools import override
 from mopd_jax import checkpointing, sharding, trainer
 from mopd_jax.models import init_model, tiny_config
+from mopd_jax.weights import loading as model_loading
 
 
 def _sharded_params():
@@ -296,7 +297,7 @@ def test_checkpoint_of_another_model_is_refused_naming_the_first_mismatch(run_di
 
 def test_trainer_refuses_a_checkpoint_of_another_model_in_one_line(run_dir, tmp_path, monkeypatch):
   wider = tiny_config("llama", intermediate_size=96, vocab_size=49152)
-  monkeypatch.setattr(trainer, "get_preset", lambda name: wider)
+  monkeypatch.setattr(model_loading, "get_preset", lambda name: wider)
   c = _tiny_config(run_dir, tmp_path / "log")
   with pytest.raises(checkpointing.CheckpointMismatchError) as e:
     trainer.setup(c)
@@ -304,3 +305,12 @@ def test_trainer_refuses_a_checkpoint_of_another_model_in_one_line(run_dir, tmp_
   assert len(message) < 1000, message
   assert "checkpoint (2, 64, 128) vs model (2, 64, 96)" in message or "checkpoint (2, 128, 64) vs model (2, 96, 64)" in message
   assert "state." in message and "layers.mlp" in message
+
+
+def test_a_checkpoint_with_another_optimizer_state_says_so(run_dir):
+  """Same params, another optimizer layout (a run saved before apply_if_finite wrapped Adam)."""
+  like = _raw_arrays(run_dir, 2)
+  like["state"]["opt_state"] = {"notfinite_count": jnp.zeros((), jnp.int32), "inner_state": like["state"]["opt_state"]}
+  ckpt = checkpointing.RunCheckpointer(run_dir, async_save=False)
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="the same model with another optimizer state"):
+    ckpt.restore(like, warn=lambda m: pytest.fail(f"a mismatch is not corruption: {m}"))
