@@ -65,18 +65,10 @@ def _first_line(res: sandbox.SandboxResult) -> str:
 
 
 def _unix_sockets(suite: Any, disable: tuple[str, ...]) -> Outcome:
-  listeners = suite._unix_listeners(os.urandom(8).hex())
-  addrs = tuple(os.fsdecode(s.getsockname()) for s in listeners)
-  try:
+  with suite.unix_listeners(os.urandom(8).hex()) as (listeners, addrs):
     res, shm = suite.run_sampling_shmem(suite.UNIX_SOCKETS.replace("@UNIX_ADDRS@", repr(addrs)),
-                    sandbox.SandboxLimits(), disable)
+                                        sandbox.SandboxLimits(), disable)
     reached = [os.fsdecode(s.getsockname()) for s in listeners if suite._drain(s)]
-  finally:
-    for s in listeners:
-      s.close()
-    for a in addrs:
-      if a.startswith("/"):
-        os.remove(a)
   names = ["@abstract" if a[0] == "\0" else a.split("/")[1] + a[a.rfind("."):] for a in addrs]
   what = " ".join(f"{n}:{r}" for n, r in zip(names, res.stdout.split()))
   return Outcome(not reached and res.stdout.split() == ["blocked"] * len(addrs),

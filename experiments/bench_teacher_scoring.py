@@ -15,20 +15,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import numpy as np
 from flax import nnx
 
+from experiments.bench_forward import timed
 from mopd_jax.analysis import scoring
 from mopd_jax.models import get_preset, init_model
-
-
-def timed(fn) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ dirs and an abstract one). `CASES` and `run_case` are reused by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -587,6 +588,21 @@ def _unix_listeners(tok: str) -> list[socket.socket]:
   return out
 
 
+@contextlib.contextmanager
+def unix_listeners(tok: str):
+  """(listeners, their addresses) for the `with` block; closed and unlinked after it."""
+  listeners = _unix_listeners(tok)
+  addrs = tuple(os.fsdecode(s.getsockname()) for s in listeners)
+  try:
+    yield listeners, addrs
+  finally:
+    for s in listeners:
+      s.close()
+    for a in addrs:
+      if a.startswith("/"):
+        os.remove(a)
+
+
 def _make_ctx() -> tuple[Ctx, list[socket.socket], subprocess.Popen]:
   tok = secrets.token_hex(16)  # 32 hex digits: what the steal probe looks for
   canaries = []
@@ -819,19 +835,11 @@ def _host_has_memory_cgroup() -> bool:
 def test_unix_sockets_do_not_reach_the_host():
   """Path-based sockets in world-writable host dirs (a read-only mount does not stop
   connect()) and abstract ones (per network namespace) are out of reach."""
-  listeners = _unix_listeners(secrets.token_hex(8))
-  addrs = tuple(os.fsdecode(s.getsockname()) for s in listeners)
-  program = UNIX_SOCKETS.replace("@UNIX_ADDRS@", repr(addrs))
-  try:
+  with unix_listeners(secrets.token_hex(8)) as (listeners, addrs):
+    program = UNIX_SOCKETS.replace("@UNIX_ADDRS@", repr(addrs))
     res = sandbox.run_python(program)
     reached = [s.getsockname() for s in listeners if _drain(s)]
     plain = _run_as_nobody(program)  # positive control: any uid reaches every one of them
-  finally:
-    for s in listeners:
-      s.close()
-    for a in addrs:
-      if a.startswith("/"):
-        os.remove(a)
   assert res.stdout.split() == ["blocked"] * len(addrs), res
   assert not reached, reached
   assert plain.split() == ["CONNECTED"] * len(addrs), plain

@@ -69,16 +69,21 @@ def _tiny_eval_config(tmp_path):
   return c
 
 
+def _save_run_checkpoint(directory, student, teacher, step: int = 7) -> None:
+  """A trainer run's checkpoint of these params, as `trainer.train` writes it."""
+  optimizer, _ = make_optimizer(1e-3)
+  ckpt = checkpointing.RunCheckpointer(directory, async_save=False)
+  arrays = {"state": init_train_state(student, optimizer), "teacher": TeacherState(teacher),
+            "rng": jax.random.key_data(jax.random.key(0))}
+  ckpt.save(step, arrays, checkpointing.RunPosition(step=step, data_position=0))
+  ckpt.close()
+
+
 def test_restores_params_from_a_trainer_run_checkpoint(tmp_path):
   config = _tiny_eval_config(tmp_path)
   graphdef, like, _, _ = evaluate.load_model(config)  # the run's structure (tiny-llama, SmolLM2 vocab)
   trained = jax.tree.map(lambda x: x + 1.0, like)
-  optimizer, _ = make_optimizer(1e-3)
-  ckpt = checkpointing.RunCheckpointer(tmp_path / "run", async_save=False)
-  arrays = {"state": init_train_state(trained, optimizer), "teacher": TeacherState(like),
-            "rng": jax.random.key_data(jax.random.key(0))}
-  ckpt.save(7, arrays, checkpointing.RunPosition(step=7, data_position=0))
-  ckpt.close()
+  _save_run_checkpoint(tmp_path / "run", trained, like)
   _, student, _, description = evaluate.load_model(config, str(tmp_path / "run"))
   _, teacher, _, _ = evaluate.load_model(config, str(tmp_path / "run"), which="teacher")
   assert "step 7" in description
@@ -95,12 +100,7 @@ def test_restores_params_from_a_trainer_run_checkpoint(tmp_path):
 def test_a_run_checkpoint_whose_params_fail_their_checksum_is_refused_naming_the_tensor(tmp_path):
   config = _tiny_eval_config(tmp_path)
   _, like, _, _ = evaluate.load_model(config)
-  optimizer, _ = make_optimizer(1e-3)
-  ckpt = checkpointing.RunCheckpointer(tmp_path / "run", async_save=False)
-  arrays = {"state": init_train_state(like, optimizer), "teacher": TeacherState(like),
-            "rng": jax.random.key_data(jax.random.key(0))}
-  ckpt.save(7, arrays, checkpointing.RunPosition(step=7, data_position=0))
-  ckpt.close()
+  _save_run_checkpoint(tmp_path / "run", like, like)
   # What bit rot in that tensor's chunk looks like to the reader: its bytes no longer hash to the record.
   path = tmp_path / "run" / "7" / "checksums" / "metadata"
   record = json.loads(path.read_text())
