@@ -662,7 +662,7 @@ def _cut(sections: Sequence[Section], keep_chars: int, keep_end: bool) -> list[S
   return list(reversed(out)) if keep_end else out
 
 
-def _teacher_messages(prompt: Sequence[Message], sections: Sequence[Section],
+def teacher_messages(prompt: Sequence[Message], sections: Sequence[Section],
                       labels: PeerLabels) -> tuple[Message, ...]:
   """The teacher's messages: the prompt with its last user message extended by `sections`
   (the prompt itself when there are none)."""
@@ -672,7 +672,8 @@ def _teacher_messages(prompt: Sequence[Message], sections: Sequence[Section],
   return (*kept, Message("user", _render_user(last.content, sections, labels)))
 
 
-def _content_tokens(count_tokens: CountTokens) -> CountPromptTokens:
+def content_tokens(count_tokens: CountTokens) -> CountPromptTokens:
+  """A teacher prompt's length without a chat template: `count_tokens` summed over its messages."""
   return lambda messages: sum(count_tokens(m.content) for m in messages)
 
 
@@ -688,7 +689,7 @@ def _truncate(prompt: Sequence[Message], sections: list[Section], config: PeerCo
   original prompt is returned and the rollout is masked like any empty context).
   """
   def total(secs: Sequence[Section]) -> int:
-    return count_prompt_tokens(_teacher_messages(prompt, secs, config.labels))
+    return count_prompt_tokens(teacher_messages(prompt, secs, config.labels))
 
   n = total(sections)
   limit = config.max_teacher_prompt_len
@@ -732,7 +733,7 @@ def _build_one(groups: Sequence[Group], pos: int, group_index: int, i: int, conf
   sections, truncated, n = _truncate(base, sections, config, count_prompt_tokens,
                                      where=f"group {pos} (index {group_index}), rollout {i}")
   # Nothing added: the teacher sees exactly the student's prompt.
-  messages = _teacher_messages(base, sections, config.labels) if sections else group.prompt
+  messages = teacher_messages(base, sections, config.labels) if sections else group.prompt
   mask = 1.0 if sections or config.distill_without_context else 0.0
   return TeacherContext(group=pos, rollout=i, messages=tuple(messages), distill_mask=mask,
                         sections=tuple(sections), truncated=truncated, num_tokens=n)
@@ -760,7 +761,7 @@ def build_teacher_contexts(
   teacher's bucket; default: `count_tokens` summed over the message contents).
   """
   if count_prompt_tokens is None:
-    count_prompt_tokens = _content_tokens(count_tokens)
+    count_prompt_tokens = content_tokens(count_tokens)
   groups = list(groups)
   if group_indices is None:
     group_indices = range(len(groups))

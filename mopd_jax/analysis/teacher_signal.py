@@ -90,9 +90,7 @@ class VariantOptions:
   count_prompt_tokens: Optional[peers.CountPromptTokens] = None
 
   def prompt_length(self, messages: Sequence[Message]) -> int:
-    if self.count_prompt_tokens is not None:
-      return self.count_prompt_tokens(messages)
-    return sum(self.count_tokens(m.content) for m in messages)
+    return (self.count_prompt_tokens or peers.content_tokens(self.count_tokens))(messages)
 
 
 def variant_options(config, tokenizer: Tokenizer) -> VariantOptions:
@@ -168,10 +166,7 @@ def _context(groups: Sequence[peers.Group], pos: int, i: int, sections: list[pee
   """A TeacherContext from sections, in peers.py's layout; trailing sections are dropped while
   the prompt (as `options.prompt_length` measures it) exceeds max_teacher_prompt_len."""
   group = groups[pos]
-  *kept, last = group.prompt
-  # Same rendering as peers.py (problem, labelled sections, closing line).
-  render = lambda secs: (*kept, Message("user", peers._render_user(last.content, secs, options.labels))
-                         ) if secs else tuple(group.prompt)
+  render = lambda secs: peers.teacher_messages(group.prompt, secs, options.labels)  # peers.py's layout
   truncated = False
   while sections and options.prompt_length(render(sections)) > options.max_teacher_prompt_len:
     sections, truncated = sections[:-1], True
