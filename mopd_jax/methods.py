@@ -18,6 +18,7 @@ on the student's own per-token log-probs: GRPO, DPO, SimPO, verified SFT). Addin
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, ClassVar, NamedTuple, Optional
 
@@ -87,8 +88,9 @@ def agg_norm(config) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class Method:
-  """A training method. Frozen and hashable: the train step closes over it as a static."""
+class Method(abc.ABC):
+  """A training method. Frozen and hashable: the train step closes over it as a static. A
+  subclass implements `per_token_values`, `loss` and `loss_denominator`."""
 
   name: str
   peer_preset: Optional[str] = None  # peers.PEER_PRESETS entry (distillation methods)
@@ -159,16 +161,18 @@ class Method:
   def no_grad_inputs(self, models: Models, student_params, teacher_params, batch: TrainBatch) -> Any:
     return None
 
+  @abc.abstractmethod
   def per_token_values(self, models: Models, params, batch: TrainBatch, inputs: Any) -> Any:
-    raise NotImplementedError
+    """What the loss reads per token, with gradient to `params`."""
 
+  @abc.abstractmethod
   def loss(self, batch: TrainBatch, values: Any, group_size: int,
            denominator: Optional[Array | float] = None) -> LossResult:
     """`denominator`: the count to divide by instead of this batch's (micro-batch accumulation)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def loss_denominator(self, batch: TrainBatch, values: Any, group_size: int) -> Array:
-    raise NotImplementedError
+    """The count `loss` divides by on this batch (no gradient)."""
 
   def update_teacher(self, teacher_params, student_params, applied: Array):
     return teacher_params
@@ -376,8 +380,9 @@ class PairwisePreference(PolicyLogProbMethod):
   def options(self) -> Any:
     return getattr(self, self.SECTION)
 
+  @abc.abstractmethod
   def pair_loss(self, logp: Array, pairs: losses.PreferenceBatch, denominator):
-    raise NotImplementedError
+    """(loss, metrics) of the pairs."""
 
   def learning_rate(self, optim) -> float:
     return optim.preference_lr  # the authors ran DPO and SimPO at 1e-6, MOPD and GRPO at 1e-5
