@@ -60,7 +60,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from mopd_jax.batching import RolloutRows, TrainBatch, build_train_batch
+from mopd_jax.batching import RolloutRows, TrainBatch, build_train_batch, teacher_rows
 from mopd_jax.flops import TrainShape as Shape, train_step_flops as model_flops
 from mopd_jax.models import ModelConfig, get_preset
 
@@ -140,7 +140,7 @@ def torch_baseline(cfg: ModelConfig, batch: TrainBatch, shape: Shape, dtype: str
   t_params = [p for p in teacher.parameters()]
   opt = torch.optim.AdamW(s_params, lr=1e-6, weight_decay=0.01, foreach=True)
   s_tok = torch.as_tensor(np.asarray(batch.student_tokens), dtype=torch.long, device=device)
-  t_tok = torch.as_tensor(np.asarray(batch.teacher_tokens), dtype=torch.long, device=device)
+  t_tok = torch.as_tensor(np.asarray(teacher_rows(batch)[0]), dtype=torch.long, device=device)
   r, k, alpha = shape.response, 100, 0.5
 
   def tail(x):

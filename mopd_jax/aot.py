@@ -196,6 +196,7 @@ class Plan:
   teacher_prompt_len: int
   response_len: int  # the bucket that holds sampling.max_new_tokens
   sample_prompts: int  # prompts per sampler call, all processes together (one program over the mesh)
+  context_slots: int  # K distinct teacher contexts per group; G (each rollout its own) is the worst case
 
 
 def _mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
@@ -234,11 +235,13 @@ def _config_error(field: str):
     raise config_lib.ConfigError(f"{field}: {e}") from None
 
 
-def make_plan(config, topology: Topology, num_layers: int = 0):
+def make_plan(config, topology: Topology, num_layers: int = 0, context_slots: int = 0):
   """Validate `config` for `topology` and fix the shapes (raises ConfigError / AotError).
 
   num_layers > 0: every model at that depth, full width (a quick check of a sharding plan: the
   scanned layers make the per-layer program the same, and the memory per layer adds up).
+  context_slots > 0: K distinct teacher contexts per group (`batching.context_slots`; below G
+  the step encodes each once, `teacher.share_contexts`); 0: K = G, every rollout its own.
   """
   from mopd_jax import batching, config_lib, rollouts, sharding, trainer
   from mopd_jax.weights import loading as model_loading
@@ -270,11 +273,16 @@ def make_plan(config, topology: Topology, num_layers: int = 0):
         c, temperature=c.sampling.temperature, max_new_tokens=c.sampling.max_new_tokens)
     response = batching.bucket_for(c.sampling.max_new_tokens, d.response_buckets, "max_new_tokens")
   g = c.sampling.group_size
+  multiple = trainer.context_slot_multiple(c, mesh)
+  if context_slots and not (context_slots <= g and context_slots % multiple == 0):
+    raise AotError(f"--context_slots={context_slots}: must be at most sampling.group_size={g} and a multiple of "
+                   f"{multiple} (each micro-batch's context table divides over the batch shards)")
   return Plan(
       config=c, topology=topology, mesh=mesh, processes=processes, student=student, teacher=teacher,
       step=trainer.step_config(c), sampling=sampling_params, rows=d.prompts_per_step * g,
       prompt_len=max(d.prompt_buckets), teacher_prompt_len=max(d.teacher_prompt_buckets or d.prompt_buckets),
-      response_len=response, sample_prompts=trainer.prompts_per_process(c, processes) * processes)
+      response_len=response, sample_prompts=trainer.prompts_per_process(c, processes) * processes,
+      context_slots=context_slots or g)
 
 
 # ----------------------------------------------------------------------------- reports
@@ -439,23 +447,31 @@ def _with_shardings(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def abstract_train_batch(rows: int, prompt_len: int, teacher_prompt_len: int, response_len: int, mesh):
+def abstract_train_batch(rows: int, prompt_len: int, teacher_prompt_len: int, response_len: int, mesh,
+                         group_size: int, context_slots: int):
   """A TrainBatch of ShapeDtypeStructs, rows over data x fsdp. Widths and dtypes come from one
-  row through the host batching (`batching.build_train_batch`), so they follow it."""
+  group through the host batching (`batching.build_train_batch`), so they follow it; its G
+  rollouts have `context_slots` distinct teacher contexts (K = G: the most a step can hold)."""
   import jax
   import numpy as np
 
   from mopd_jax import batching, sharding
 
-  one = batching.build_train_batch(
-      batching.RolloutRows(student_prompts=[[1]], teacher_prompts=[[1]], responses=[[1]],
-                           sampler_logprobs=[[0.0]], distill_mask=[1.0], rewards=[1.0], success=[True],
-                           group_ids=[0]),
+  g, k = group_size, context_slots
+  one_group = batching.build_train_batch(
+      batching.RolloutRows(student_prompts=[[1]] * g, teacher_prompts=[[1, i % k] for i in range(g)],
+                           responses=[[1]] * g, sampler_logprobs=[[0.0]] * g, distill_mask=[1.0] * g,
+                           rewards=[1.0] * g, success=[True] * g, group_ids=[0] * g),
       pad_id=0, prompt_buckets=(prompt_len,), teacher_prompt_buckets=(teacher_prompt_len,),
       response_buckets=(response_len,))
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((rows,) + np.shape(x)[1:], np.asarray(x).dtype,
-                                     sharding=sharding.batch_sharding(mesh, np.ndim(x))), one)
+  def scaled(x, leading: int):  # one group's G rows (or K contexts) -> the step's
+    return jax.ShapeDtypeStruct((leading,) + np.shape(x)[1:], np.asarray(x).dtype,
+                                sharding=sharding.batch_sharding(mesh, np.ndim(x)))
+
+  batch = jax.tree.map(lambda x: scaled(x, rows), one_group)
+  contexts = rows // g * k
+  return batch.replace(teacher_contexts=scaled(one_group.teacher_contexts, contexts),
+                       teacher_context_segments=scaled(one_group.teacher_context_segments, contexts))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,8 +519,13 @@ def _train_shape(plan: Plan):
 def _train_shapes_text(plan: Plan) -> str:
   micro = plan.step.micro_batch_rows
   return (f"{plan.rows} rows: student {plan.prompt_len}+{plan.response_len}, "
-          f"teacher {plan.teacher_prompt_len}+{plan.response_len}"
+          f"teacher {plan.teacher_prompt_len}+{plan.response_len}" + _contexts_text(plan)
           + (f", micro-batches of {micro} rows" if micro and micro < plan.rows else ""))
+
+
+def _contexts_text(plan: Plan) -> str:
+  g, k = plan.step.group_size, plan.context_slots
+  return "" if k == g else f" ({k} of {g} teacher contexts distinct per group, each encoded once)"
 
 
 def compile_train_step(plan: Plan, states: _States) -> ProgramReport:
@@ -516,7 +537,8 @@ def compile_train_step(plan: Plan, states: _States) -> ProgramReport:
   step_fn = make_train_step(states.graphdef, states.optimizer, plan.step, teacher_graphdef=states.teacher_graphdef,
                             learning_rate_fn=states.lr_fn, mesh=plan.mesh)
   run = jit_train_step(step_fn, plan.mesh, states.state, states.teacher, states.optimizer)
-  batch = abstract_train_batch(plan.rows, plan.prompt_len, plan.teacher_prompt_len, plan.response_len, plan.mesh)
+  batch = abstract_train_batch(plan.rows, plan.prompt_len, plan.teacher_prompt_len, plan.response_len, plan.mesh,
+                               plan.step.group_size, plan.context_slots)
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                              sharding=sharding.replicated(plan.mesh))
   model_flops = flops.train_step_flops(plan.student, _train_shape(plan), plan.step, plan.teacher).model
@@ -533,7 +555,7 @@ def compile_teacher_score(plan: Plan, states: _States) -> ProgramReport:
   from mopd_jax import flops, sharding
   from mopd_jax.train_step import teacher_hidden
 
-  shapes = (f"{plan.rows} rows: teacher {plan.teacher_prompt_len}+{plan.response_len}")
+  shapes = f"{plan.rows} rows: teacher {plan.teacher_prompt_len}+{plan.response_len}" + _contexts_text(plan)
   if not plan.step.method.teacher_context_forwards:
     return _skipped("teacher_score", shapes, f"method {plan.config.method!r} has no teacher-context forward",
                     plan.topology.num_devices, plan.topology)
@@ -542,7 +564,8 @@ def compile_teacher_score(plan: Plan, states: _States) -> ProgramReport:
   student = states.state.params if plan.step.method.teacher_context_forwards == 2 else None
   student_sh = None if student is None else sharding.param_shardings(student, mesh)
   teacher_sh = sharding.param_shardings(states.teacher.params, mesh)
-  batch = abstract_train_batch(plan.rows, plan.prompt_len, plan.teacher_prompt_len, plan.response_len, mesh)
+  batch = abstract_train_batch(plan.rows, plan.prompt_len, plan.teacher_prompt_len, plan.response_len, mesh,
+                               plan.step.group_size, plan.context_slots)
 
   def score(student_params, teacher, batch):
     with sharding.activation_mesh(mesh):  # as the train step traces its models
@@ -632,12 +655,13 @@ def compile_sampler(plan: Plan, states: _States) -> tuple[ProgramReport, Program
 
 
 def compile_all(config, topology: Topology, programs: Sequence[str] = PROGRAMS,
-                progress: Callable[[str], None] = lambda line: None, num_layers: int = 0) -> AotReport:
+                progress: Callable[[str], None] = lambda line: None, num_layers: int = 0,
+                context_slots: int = 0) -> AotReport:
   """Validate, then compile the chosen programs for `topology` (see the module docstring)."""
   unknown = sorted(set(programs) - set(PROGRAMS))
   if unknown:
     raise AotError(f"--programs: unknown {unknown}; known: {', '.join(PROGRAMS)}")
-  plan = make_plan(config, topology, num_layers)
+  plan = make_plan(config, topology, num_layers, context_slots)
   states = _abstract_states(plan)
   unit = topology.chip.unit if topology.chip else "device"
   reports: list[ProgramReport] = []
@@ -716,7 +740,7 @@ def target_topology(config, topology_name: Optional[str]) -> str:
 
 
 def _main(config, topology_name: Optional[str], programs: Sequence[str], json_path: Optional[str],
-          num_layers: int = 0) -> int:
+          num_layers: int = 0, context_slots: int = 0) -> int:
   from mopd_jax import config_lib
   from mopd_jax.logging_lib import quiet_library_logs
 
@@ -724,7 +748,7 @@ def _main(config, topology_name: Optional[str], programs: Sequence[str], json_pa
   try:
     topology = get_topology(target_topology(config, topology_name))
     report = compile_all(config, topology, programs, progress=lambda line: print(line, flush=True),
-                         num_layers=num_layers)
+                         num_layers=num_layers, context_slots=context_slots)
   except (AotError, config_lib.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -756,7 +780,10 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
   programs = flags.DEFINE_list("programs", list(PROGRAMS), f"programs to compile: {', '.join(PROGRAMS)}")
   json_path = flags.DEFINE_string("json", None, "write the report here as JSON")
   layers = flags.DEFINE_integer("num_layers", 0, "> 0: compile the models at this depth, full width (quick plan check)")
-  app.run(lambda _: sys.exit(_main(config.value, topology.value, programs.value, json_path.value, layers.value)),
+  slots = flags.DEFINE_integer(
+      "context_slots", 0, "distinct teacher contexts per group K (0: G, every rollout its own: the most memory)")
+  app.run(lambda _: sys.exit(_main(config.value, topology.value, programs.value, json_path.value, layers.value,
+                                   slots.value)),
           argv=None if argv is None else list(argv))
 
 

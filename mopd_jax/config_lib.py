@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
       attention_chunk=0,  # > 0: attention over blocks of this many queries (memory ~ block x keys)
       attention_impl="xla",  # "cudnn" (NVIDIA GPUs) / "splash" (TPUs): fused attention for full sequences
   )
-  c.teacher = dict(mode="ema", rate=0.05, external_preset="", external_checkpoint="")
+  c.teacher = dict(mode="ema", rate=0.05, share_contexts=True, external_preset="", external_checkpoint="")
   c.sampling = dict(
       group_size=8, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=512, stop_strings=(),
       enable_thinking=False,

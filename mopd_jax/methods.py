@@ -29,10 +29,10 @@ import optax
 from flax import nnx
 from jax import lax
 
-from mopd_jax import fields, losses
+from mopd_jax import batching, fields, losses
 from mopd_jax.batching import TrainBatch
 from mopd_jax.fields import ConfigError
-from mopd_jax.models import positions_from_segments
+from mopd_jax.models import positions_from_segments, shared_prefix
 
 Array = jax.Array
 TEACHER_MODES = ("ema", "trust_region", "frozen", "external")
@@ -62,6 +62,18 @@ def response_hidden(graphdef, params, tokens: Array, segments: Array, response_l
   out = model(tokens, positions_from_segments(segments), segments, return_logits=False)
   start = tokens.shape[1] - response_len - 1
   return out.hidden[:, start:start + response_len], model.unembedding()
+
+
+def shared_context_hidden(graphdef, params, batch: TrainBatch) -> tuple[Array, Array]:
+  """`response_hidden` of the rows `[teacher context | response]`, each group's distinct
+  contexts encoded once (`models.shared_prefix`)."""
+  model = nnx.merge(graphdef, params)
+  out = shared_prefix.forward_with_shared_prefixes(
+      model, batch.teacher_contexts, batch.teacher_context_segments, batch.response_tokens,
+      batch.response_mask.astype(jnp.int32), batch.teacher_context_index, group_size=batch.group_size)
+  # Response token 0 is predicted by the context's last position, token t by response position t - 1.
+  hidden = jnp.concatenate([out.prefix_last_hidden[:, None], out.suffix_hidden[:, :-1]], axis=1)
+  return hidden, model.unembedding()
 
 
 def _typed(cls, paths: dict[str, str], **kwargs):
@@ -192,9 +204,15 @@ class TeacherConfig:
 
   mode: str = "ema"
   rate: float = 0.05
+  # Encode each group's distinct teacher contexts once and continue every rollout from its
+  # context's keys/values (`models.shared_prefix`), instead of one forward over
+  # [context | response] per rollout, in batches where some rollouts share a context (K < G).
+  # Same values (tests/test_shared_prefix.py); fewer tokens.
+  share_contexts: bool = True
 
   def __post_init__(self):
-    fields.check(self, {"mode": fields.Text(lambda: TEACHER_MODES), "rate": fields.UNIT})
+    fields.check(self, {"mode": fields.Text(lambda: TEACHER_MODES), "rate": fields.UNIT,
+                        "share_contexts": fields.Flag()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +227,7 @@ class Distillation(Method):
   CONFIG_FIELDS: ClassVar[tuple[str, ...]] = tuple(
       f"loss.{f.name}" for f in dataclasses.fields(losses.DistillConfig) if f.name not in ("temperature",
                                                                                           "mismatch_threshold")
-  ) + ("teacher.mode", "teacher.rate")
+  ) + ("teacher.mode", "teacher.rate", "teacher.share_contexts")
 
   def configured(self, config) -> "Distillation":
     l = config.loss
@@ -220,8 +238,8 @@ class Distillation(Method):
         full_logits=l.full_logits, temperature=config.sampling.temperature, is_clip=_zero_is_off(l.is_clip),
         mismatch=None if l.mismatch == "" else l.mismatch, step_level=l.step_level, loss_agg=l.loss_agg,
         agg_norm=agg_norm(config), chunk_size=l.chunk_size)
-    teacher = _typed(TeacherConfig, {"mode": "teacher.mode", "rate": "teacher.rate"},
-                     mode=config.teacher.mode, rate=config.teacher.rate)
+    teacher = _typed(TeacherConfig, {f: f"teacher.{f}" for f in ("mode", "rate", "share_contexts")},
+                     mode=config.teacher.mode, rate=config.teacher.rate, share_contexts=config.teacher.share_contexts)
     return dataclasses.replace(self, distill=distill, teacher=teacher)
 
   def check_run(self, config) -> None:
@@ -245,16 +263,23 @@ class Distillation(Method):
   def no_grad_inputs(self, models, student_params, teacher_params, batch):
     """The teacher's hidden states at the response positions and its unembedding (pairs for
     trust_region: initial model, current student), under the teacher context."""
-    r = batch.response_tokens.shape[1]
-    tok, seg = batch.teacher_tokens, batch.teacher_segments
     if self.teacher.mode == "trust_region":
-      h0, w0 = response_hidden(models.student, teacher_params, tok, seg, r)
-      h1, w1 = response_hidden(models.student, student_params, tok, seg, r)
+      h0, w0 = self._teacher_context_hidden(models.student, teacher_params, batch)
+      h1, w1 = self._teacher_context_hidden(models.student, student_params, batch)
       hidden, unembed = (h0, h1), (w0, w1)
     else:
       graphdef = models.external_teacher if self.teacher.mode == "external" else models.student
-      hidden, unembed = response_hidden(graphdef, teacher_params, tok, seg, r)
+      hidden, unembed = self._teacher_context_hidden(graphdef, teacher_params, batch)
     return lax.stop_gradient(hidden), lax.stop_gradient(unembed)
+
+  def _teacher_context_hidden(self, graphdef, params, batch: TrainBatch) -> tuple[Array, Array]:
+    # Shared only where it saves tokens: with K = G slots (every rollout its own context) the
+    # per-row forward reads as many tokens and keeps the full-sequence kernel (splash, cuDNN)
+    # for all of them, where the shared path's responses use XLA attention.
+    if self.teacher.share_contexts and batch.context_slots < batch.group_size:
+      return shared_context_hidden(graphdef, params, batch)
+    tokens, segments = batching.teacher_rows(batch)
+    return response_hidden(graphdef, params, tokens, segments, batch.response_tokens.shape[1])
 
   def per_token_values(self, models, params, batch, inputs) -> losses.TokenStats:
     t_hidden, t_unembed = inputs

@@ -184,6 +184,9 @@ def make_train_step(
 
   def unsharded_step(state: TrainState, teacher: TeacherState, batch: TrainBatch, rng: Array):
     del rng  # the update is deterministic; kept in the signature for stochastic variants
+    if batch.group_size != g:
+      raise ValueError(f"the batch has groups of {batch.group_size} rows, the step was built for group_size={g} "
+                       "(config.sampling.group_size)")
     micro_batches = num_micro_batches(cfg, batch.response_tokens.shape[0], mesh)
     if micro_batches == 1:
       result, grads = whole_batch_grads(state, teacher, batch)

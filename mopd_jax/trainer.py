@@ -55,7 +55,17 @@ def build_batch(run: "Run", groups: Sequence[RolloutGroup]) -> batching.TrainBat
     at_least = tuple(int(x) for x in np.max(multihost_utils.process_allgather(np.asarray(at_least)), axis=0))
   return batching.build_train_batch(
       rows, pad_id=run.tokenizer.pad_id, prompt_buckets=d.prompt_buckets, response_buckets=d.response_buckets,
-      teacher_prompt_buckets=d.teacher_prompt_buckets, at_least=at_least)
+      teacher_prompt_buckets=d.teacher_prompt_buckets, at_least=at_least,
+      context_slot_multiple=context_slot_multiple(run.config, run.mesh))
+
+
+def context_slot_multiple(config, mesh) -> int:
+  """The step's micro-batches hold whole groups; their context tables must divide over the
+  batch shards (`batching.context_slot_multiple`). mesh None: one device."""
+  rows = config.data.prompts_per_step * config.sampling.group_size
+  micro_rows = config.train.micro_batch_rows or rows
+  shards = 1 if mesh is None else sharding.num_batch_shards(mesh)
+  return batching.context_slot_multiple(micro_rows // config.sampling.group_size, shards)
 
 
 # ----------------------------------------------------------------------------- evaluation

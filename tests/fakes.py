@@ -19,5 +19,5 @@ def fake_sampler_run(config, tokenizer, sample, verifier_pool, monkeypatch):
   """`sample` replaces `sampling.sample` for the test; the run has no model and no mesh."""
   monkeypatch.setattr(rollouts.sampling_lib, "sample", sample)
   return types.SimpleNamespace(
-      config=config, tokenizer=tokenizer, sampler_graphdef=None, sampler_params=lambda: None, sample_mesh=None,
+      config=config, tokenizer=tokenizer, sampler_graphdef=None, sampler_params=lambda: None, sample_mesh=None, mesh=None,
       verifier_pool=verifier_pool, peer_config=config_lib.peer_config(config))

@@ -101,9 +101,9 @@ def test_cli_writes_the_report_as_json(tmp_path):
 
 
 def test_a_program_that_does_not_fit_exits_1_with_both_numbers():
-  # 8192 prompts x 4 rollouts of the tiny model on a v5e chip (15.75 GiB): ~21 GiB per chip.
+  # 16384 prompts x 4 rollouts of the tiny model on a v5e chip (15.75 GiB): ~29 GiB per chip.
   out = _cli("--config=configs/tiny.py", "--topology=v5e:2x2", "--config.mesh.data=-1",
-             "--config.data.prompts_per_step=8192", "--programs=train")
+             "--config.data.prompts_per_step=16384", "--programs=train")
   assert out.returncode == 1, out.stdout + out.stderr
   assert "Traceback" not in out.stderr
   needed, available = aot.parse_oom(out.stdout)

@@ -92,8 +92,8 @@ def test_teacher_equal_to_student_on_same_context_gives_zero_loss_and_gradient()
   step_cfg = distill_step("frozen", is_clip=None)
   cfg, graphdef, opt, lr_fn, state, teacher = _setup(step_cfg)
   batch = _batch(cfg, teacher_same_as_student=True)
-  # Same bucket for both sides so the teacher sees exactly the student's rows.
-  batch = batch.replace(teacher_tokens=batch.student_tokens, teacher_segments=batch.student_segments)
+  # Same bucket for both sides, so the teacher sees exactly the student's rows.
+  assert batch.teacher_prompt_len == batch.student_prompt_len
   step = jax.jit(make_train_step(graphdef, opt, step_cfg))
   _, _, metrics = step(state, teacher, batch, jax.random.key(0))
   assert abs(float(metrics.loss)) <= 1e-6
@@ -252,11 +252,12 @@ def _abstract_batch(rows: int, prompt: int = 32, response: int = 224) -> TrainBa
   s = jax.ShapeDtypeStruct
   tokens, per_token = s((rows, prompt + response), jnp.int32), s((rows, response), jnp.float32)
   per_row = s((rows,), jnp.float32)
+  contexts = s((rows, prompt), jnp.int32)  # K = G: every rollout its own teacher context
   return TrainBatch(
-      student_tokens=tokens, student_segments=tokens, teacher_tokens=tokens, teacher_segments=tokens,
-      response_tokens=s((rows, response), jnp.int32), response_mask=per_token, distill_mask=per_row,
-      sampler_logprobs=per_token, step_ids=s((rows, response), jnp.int32), rewards=per_row, success=per_row,
-      group_ids=s((rows,), jnp.int32))
+      student_tokens=tokens, student_segments=tokens, teacher_contexts=contexts, teacher_context_segments=contexts,
+      teacher_context_index=s((rows,), jnp.int32), response_tokens=s((rows, response), jnp.int32),
+      response_mask=per_token, distill_mask=per_row, sampler_logprobs=per_token, step_ids=s((rows, response), jnp.int32),
+      rewards=per_row, success=per_row, group_ids=s((rows,), jnp.int32), group_size=G)
 
 
 def test_micro_batch_memory_grows_with_the_micro_batch_not_the_batch():
