@@ -35,6 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=True,  # lax.scan over the stacked layers (False unrolls them: compile time grows with depth)
       attention_chunk=0,  # > 0: attention over blocks of this many queries (memory ~ block x keys)
       attention_impl="xla",  # "cudnn" (NVIDIA GPUs) / "splash" (TPUs): fused attention for full sequences
+      # One matmul for q/k/v and one for gate/up per layer (ModelConfig.fused_projections). Tensor
+      # parallelism then splits whole kv heads: mesh.tensor must divide the kv heads (False: any
+      # split of the heads). A run's checkpoints hold the layout it trained with.
+      fused_projections=True,
   )
   c.teacher = dict(mode="ema", rate=0.05, share_contexts=True, external_preset="", external_checkpoint="")
   c.sampling = dict(
@@ -42,7 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
       enable_thinking=False,
       # The sampler's params: "train" = the training layout as is (no copy); "no_fsdp" = gathered
       # over fsdp once per sampling call (tensor parallelism kept): sharding.sampling_rules.
-      param_layout="train")
+      param_layout="train",
+      # Continuous refill (sampling.py): decode this many rows at a time, a row whose sample ended
+      # taking the next sample; 0 = all of a call's rows at once until the longest ends. Refill
+      # after refill_free_rows rows are free (0 = decode_rows // 16). Single-process runs only.
+      decode_rows=0, refill_free_rows=0)
   c.mopd = dict(
       preset="",  # "" = the method's preset; explicit overrides below
       overrides=ml_collections.ConfigDict({}, type_safe=False))
@@ -152,11 +160,13 @@ FIELD_RULES: dict[str, Any] = {
     "model.preset": Text(_presets), "model.checkpoint": Text(), "model.tokenizer": Text(),
     "model.param_dtype": _DTYPE, "model.dtype": _DTYPE, "model.remat": Flag(), "model.remat_policy": Text(),
     "model.scan_layers": Flag(), "model.attention_chunk": _NONNEG_INT, "model.attention_impl": Text(),
+    "model.fused_projections": Flag(),
     "teacher.external_preset": Text(lambda: ("",) + _presets()),
     "teacher.external_checkpoint": Text(),
     "sampling.group_size": _COUNT, "sampling.temperature": _POS, "sampling.top_p": _PROB,
     "sampling.top_k": Num(int, ge=0, also=(None,)), "sampling.max_new_tokens": _COUNT,
     "sampling.stop_strings": Seq(Text()), "sampling.enable_thinking": Flag(), "sampling.param_layout": Text(),
+    "sampling.decode_rows": _NONNEG_INT, "sampling.refill_free_rows": _NONNEG_INT,
     "mopd.preset": Text(lambda: ("",) + tuple(peers.PEER_PRESETS)), "mopd.overrides": Options(),
     "optim.lr": _POS, "optim.preference_lr": _POS, "optim.warmup_steps": _NONNEG_INT,
     "optim.schedule": Text(lambda: ("constant", "cosine")), "optim.b1": _MOMENT, "optim.b2": _MOMENT,
@@ -270,7 +280,15 @@ def validate(config, num_devices: int | None = None, *, platform: str | None = N
     if micro and micro != rows:
       _check(micro % batch_shards == 0, "train.micro_batch_rows",
              f"{micro} rows per micro-batch are not divisible by the data x fsdp mesh size {batch_shards}")
+    decode_rows = config.sampling.decode_rows
+    _check(decode_rows % batch_shards == 0, "sampling.decode_rows",
+           f"{decode_rows} decode rows are not divisible by the data x fsdp mesh size {batch_shards}")
+  refill_rows = config.sampling.refill_free_rows
+  _check(refill_rows <= config.sampling.decode_rows, "sampling.refill_free_rows",
+         f"{refill_rows} exceeds sampling.decode_rows={config.sampling.decode_rows} (0 there: refill is off)")
   processes = config.distributed.num_processes if config.distributed.enabled else 1
+  _check(processes == 1 or not config.sampling.decode_rows, "sampling.decode_rows",
+         f"continuous refill runs in one process; this run has {processes} (set 0)")
   _check(config.data.prompts_per_step % processes == 0, "data.prompts_per_step",
          f"{config.data.prompts_per_step} prompts per step (for the whole run) do not divide over {processes} "
          "processes: each process samples an equal share")

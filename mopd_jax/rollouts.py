@@ -181,7 +181,8 @@ def sampling_params(config, *, temperature: float, max_new_tokens: int, stop_tok
       top_k=config.sampling.top_k or None,
       max_new_tokens=max_new_tokens, stop_token_ids=tuple(stop_token_ids), pad_id=pad_id,
       stop_strings=tuple(config.sampling.stop_strings), prompt_buckets=tuple(config.data.prompt_buckets),
-      generation_buckets=tuple(config.data.response_buckets))
+      generation_buckets=tuple(config.data.response_buckets),
+      decode_rows=config.sampling.decode_rows or None, refill_free_rows=config.sampling.refill_free_rows or None)
 
 
 # ----------------------------------------------------------------------------- sampling

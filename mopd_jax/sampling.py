@@ -23,6 +23,31 @@ How a call runs
 4. Host: stop strings are matched in the detokenised text (see `_cut_at_stop_string` for the
    token-boundary rule) and the typed `SampleResult` is built from numpy arrays.
 
+Continuous refill (`SamplingParams.decode_rows = R`; off by default)
+The loop above runs every row until the longest ends: with RL length distributions (most
+responses short, a tail at `max_new_tokens`) most of its row-steps decode rows that already
+ended. With R < B*G, R rows ("slots") decode at a time and a slot whose sample ended takes the
+next sample (prompt-major order), by row rather than by group: a group frees its rows only
+when its longest sample ends, which in real runs is nearly always at the length limit.
+1. `_prefill` runs once over the B prompts (num_samples=1, prompt-bucket slots only).
+2. Host loop: `_refill` starts samples in the free slots: the prompt's prefill cache is copied
+   into the slot's first Lp slots (a prompt's G samples all copy its one prefill), the slot's
+   other segments are cleared, its write index set to Lp (`KVCache.index` of shape [R]: one
+   write slot per row) and token 0 drawn from the prompt's prefill logits; then
+   `_decode_until_free` (jit, state donated) decodes every slot at its own token index until
+   `refill_threshold` slots are free, or, once every sample has started, until all end.
+3. Each sample writes its own row of the [B*G, N] outputs, so `_finish` is shared.
+A sample draws the same uniforms (its global id, its token index) over the same cache slots
+as in the one-batch loop, so the rollouts are the same: tokens, lengths and finish reasons
+exactly, log-probs up to the ulp-level differences of XLA's matmul kernels between batch
+sizes (which the one-batch loop shows as well with fewer prompts). It costs R x decode
+iterations row-steps (`SampleResult.decode_slot_steps`) instead of B*G x (longest - 1), a host
+round trip per refill, and the prompts' prefill (B x Lp slots) next to the R x (Lp + N) decode
+cache (the one-batch loop holds B*G x (Lp + N)). Off by default: the last samples to start
+can run alone to the limit (worse than one batch when R is close to B*G), and where a decode
+step costs about the same for R rows as for B*G (an accelerator reading the weights once per
+step) fewer row-steps mean more steps, not less time. Not on a mesh that spans processes.
+
 Per generated token the sampler returns three log-probs (all float32):
 - `logprobs`: under the distribution actually sampled from: log_softmax of the processed
   logits (temperature, then top-k, then top-p, renormalised). 0 for greedy decoding.
@@ -80,7 +105,8 @@ class FinishReason(str, enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """How to sample. Hashable. Only `temperature`, `top_p` and `top_k` are compiled into the
-  decoder (and the buckets into its shapes); the rest is host-side or passed as traced values."""
+  decoder (and the buckets and `decode_rows` into its shapes); the rest is host-side or passed
+  as traced values."""
 
   temperature: float = 1.0  # 0 = greedy
   top_p: float = 1.0  # in (0, 1]; 1 = off
@@ -92,6 +118,10 @@ class SamplingParams:
   prompt_buckets: tuple[int, ...] = power_of_two_buckets(16, 8192)
   generation_buckets: tuple[int, ...] = power_of_two_buckets(16, 8192)
   truncate_prompts_left: bool = False  # else a prompt longer than the largest bucket fails
+  # Continuous refill (module docstring): None decodes all B*G rows at once until the longest
+  # ends; R decodes R rows at a time, a row whose sample ended taking the next sample.
+  decode_rows: Optional[int] = None
+  refill_free_rows: Optional[int] = None  # refill once this many rows are free (None: decode_rows // 16, >= 1)
 
   def __post_init__(self):
     # Accept lists for the tuple fields; keep the object hashable.
@@ -123,6 +153,14 @@ class SamplingParams:
       raise ValueError(
           f"SamplingParams.max_new_tokens={self.max_new_tokens} exceeds the largest generation "
           f"bucket {self.generation_buckets[-1]} (SamplingParams.generation_buckets)")
+    for name in ("decode_rows", "refill_free_rows"):
+      value = getattr(self, name)
+      if value is not None and not (_is_int(value) and value >= 1):
+        raise ValueError(f"SamplingParams.{name} must be None or an int >= 1, got {value!r}")
+    if self.refill_free_rows is not None and (self.decode_rows is None or self.refill_free_rows > self.decode_rows):
+      raise ValueError(
+          f"SamplingParams.refill_free_rows={self.refill_free_rows} needs decode_rows set and at least as "
+          f"large (decode_rows={self.decode_rows})")
 
   @property
   def greedy(self) -> bool:
@@ -130,6 +168,11 @@ class SamplingParams:
 
   def replace(self, **changes) -> "SamplingParams":
     return dataclasses.replace(self, **changes)
+
+  @property
+  def refill_threshold(self) -> int:
+    """Free rows that end a decode chunk and trigger a refill (with `decode_rows` set)."""
+    return self.refill_free_rows or max(1, self.decode_rows // 16)
 
   def token_rule(self) -> "TokenRule":
     """The part that decides how one token is drawn (normalised, so equal rules share programs)."""
@@ -391,9 +434,18 @@ def row_keys(rng: Array, row_ids: Array) -> Array:
 
 def _draw(keys: Array, step: Union[int, Array], logits: Array, rule: TokenRule, mesh: Optional[Mesh]
           ) -> TokenSample:
-  """Token `step` of every row, from the row's own stream (`row_keys`)."""
-  uniforms = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step), (), jnp.float32))(keys)
+  """Token `step` ([], or [R]: one per row) of every row, from the row's own stream (`row_keys`)."""
+  draw = lambda k, i: jax.random.uniform(jax.random.fold_in(k, i), (), jnp.float32)
+  uniforms = jax.vmap(draw, in_axes=(0, None if jnp.ndim(step) == 0 else 0))(keys, step)
   return sample_with_uniform(logits, sharding.constrain(uniforms, mesh), rule)
+
+
+def _empty_outputs(rows: int, generation_len: int, pad_id: Array, mesh: Optional[Mesh]) -> Decoded:
+  buffer = lambda dtype: sharding.constrain(jnp.zeros((rows, generation_len), dtype), mesh)
+  return Decoded(
+      tokens=buffer(jnp.int32) + pad_id, logprobs=buffer(jnp.float32), scaled_logprobs=buffer(jnp.float32),
+      model_logprobs=buffer(jnp.float32), lengths=jnp.zeros((rows,), jnp.int32), stopped=jnp.zeros((rows,), bool),
+      steps=jnp.zeros((), jnp.int32))
 
 
 def initial_decode_state(
@@ -412,15 +464,10 @@ def initial_decode_state(
   own uniform. `jax.eval_shape` of it gives the carry's shapes without running anything.
   """
   rows = first_logits.shape[0]
-  buffer = lambda dtype: sharding.constrain(jnp.zeros((rows, generation_len), dtype), mesh)
   s = DecodeState(
       step=jnp.zeros((), jnp.int32),
       last_token=jnp.zeros((rows,), jnp.int32),
-      out=Decoded(
-          tokens=buffer(jnp.int32) + limits.pad_id,
-          logprobs=buffer(jnp.float32), scaled_logprobs=buffer(jnp.float32),
-          model_logprobs=buffer(jnp.float32), lengths=jnp.zeros((rows,), jnp.int32),
-          stopped=jnp.zeros((rows,), bool), steps=jnp.zeros((), jnp.int32)),
+      out=_empty_outputs(rows, generation_len, limits.pad_id, mesh),
       done=jnp.zeros((rows,), bool),
       cache=cache)
   return _record(s, _draw(keys, 0, first_logits, rule, mesh), limits, mesh)
@@ -445,17 +492,24 @@ def decode_step(
   the loop updates its carry in place) it is one iteration of the loop: `mopd_jax.aot`
   compiles it to size the decode program.
   """
+  # RoPE position of the token being fed: the prompt length + its index.
+  logits, cache = _next_logits(graphdef, state, s.last_token, first_positions + s.step - 1, s.cache, mesh)
+  s = s.replace(cache=cache)
+  return _record(s, _draw(keys, s.step, logits, rule, mesh), limits, mesh)
+
+
+def _next_logits(graphdef: nnx.GraphDef, state: nnx.State, last_token: Array, positions: Array, cache: KVCache,
+                 mesh: Optional[Mesh]) -> tuple[Array, KVCache]:
+  """Feed each row's last token ([R], at RoPE `positions` [R]): the next token's logits [R, V]
+  and the cache with the fed token's keys/values written."""
   model = nnx.merge(graphdef, state)
-  rows = s.last_token.shape[0]
-  positions = first_positions + s.step - 1  # RoPE position of the token being fed
-  ones = jnp.ones((rows, 1), jnp.int32)
+  ones = jnp.ones((last_token.shape[0], 1), jnp.int32)
   # Under the mesh like `_prefill`'s model call; a one-token step with a cache always takes
   # the XLA attention path, so this changes nothing in the program today.
   with sharding.activation_mesh(mesh):
-    out = model(s.last_token[:, None], positions[:, None], ones, s.cache)
-  s = s.replace(cache=sharding.constrain_cache(out.cache, mesh, model.config.num_kv_heads))
-  logits = sharding.constrain(out.logits[:, 0], mesh)
-  return _record(s, _draw(keys, s.step, logits, rule, mesh), limits, mesh)
+    out = model(last_token[:, None], positions[:, None], ones, cache)
+  cache = sharding.constrain_cache(out.cache, mesh, model.config.num_kv_heads)
+  return sharding.constrain(out.logits[:, 0], mesh), cache
 
 
 def _keep_going(s: DecodeState, limits: Limits) -> Array:
@@ -493,6 +547,123 @@ def _decode(
 
 
 # ----------------------------------------------------------------------------------------------
+# Continuous refill (`SamplingParams.decode_rows`): R slots decode the B*G samples, a freed slot
+# taking the next sample. The host alternates `_refill` and `_decode_until_free`.
+
+
+@flax.struct.dataclass
+class RefillState:
+  """The refill decoder's carry: R slots over a cache with a write index per slot, and the
+  outputs of all B*G samples, each row written by whichever slot decodes that sample."""
+
+  step: Array  # [R] int32, index of the token each slot generates next
+  last_token: Array  # [R] int32
+  positions: Array  # [R] int32, RoPE position of the slot's first generated token (its prompt length)
+  row_ids: Array  # [R] int32, global id of the slot's sample (prompt id * G + sample index): its random stream
+  sample: Array  # [R] int32, the output row (local prompt * G + sample index) the slot writes
+  done: Array  # [R] bool, the slot's sample ended (or it never had one): free for the next one
+  out: Decoded  # [B*G, N] (`steps` unused)
+  cache: KVCache  # R rows, index [R]
+  decode_calls: Array  # [] int32, model calls so far: decode slot-steps = decode_calls * R
+
+
+def _record_slots(s: RefillState, sample: TokenSample, active: Array, limits: Limits, mesh: Optional[Mesh]
+                  ) -> RefillState:
+  """`_record` per slot: token `s.step[r]` of each active slot's sample into its output row;
+  inactive slots write nothing and keep their state."""
+  target = jnp.where(active, s.sample, s.out.lengths.shape[0])  # out of range: dropped
+  put = lambda buf, value: sharding.constrain(buf.at[target, s.step].set(value.astype(buf.dtype), mode="drop"), mesh)
+  hit_stop = active & jnp.any(sample.token[:, None] == limits.stop_token_ids[None, :], axis=-1)
+  out = s.out.replace(
+      tokens=put(s.out.tokens, sample.token), logprobs=put(s.out.logprobs, sample.logprob),
+      scaled_logprobs=put(s.out.scaled_logprobs, sample.scaled_logprob),
+      model_logprobs=put(s.out.model_logprobs, sample.model_logprob),
+      lengths=sharding.constrain(s.out.lengths.at[target].set(s.step + 1, mode="drop"), mesh),
+      stopped=sharding.constrain(s.out.stopped.at[target].set(hit_stop, mode="drop"), mesh))
+  done = s.done | (active & (hit_stop | (s.step + 1 >= limits.max_new_tokens)))
+  return s.replace(step=s.step + active.astype(jnp.int32), last_token=jnp.where(active, sample.token, s.last_token),
+                   out=out, done=done)
+
+
+def _constrain_slots(cache: KVCache, mesh: Optional[Mesh]) -> KVCache:
+  cache = sharding.constrain_cache(cache, mesh, cache.keys.shape[2])
+  return cache.replace(index=sharding.constrain(cache.index, mesh))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "rows", "prompt_len", "num_outputs", "generation_len", "mesh"))
+def _refill_start(pad_id: Array, *, config: ModelConfig, rows: int, prompt_len: int, num_outputs: int,
+                  generation_len: int, mesh: Optional[Mesh]) -> RefillState:
+  """R free slots over an empty cache of prompt bucket + generation bucket slots; no output yet."""
+  TRACE_COUNTS["refill_start"] += 1
+  zeros = lambda dtype: sharding.constrain(jnp.zeros((rows,), dtype), mesh)
+  cache = KVCache.empty(config, rows, prompt_len + generation_len, per_row_index=True)
+  return RefillState(
+      step=zeros(jnp.int32), last_token=zeros(jnp.int32), positions=zeros(jnp.int32), row_ids=zeros(jnp.int32),
+      sample=zeros(jnp.int32) + num_outputs, done=~zeros(bool),
+      out=_empty_outputs(num_outputs, generation_len, pad_id, mesh), cache=_constrain_slots(cache, mesh),
+      decode_calls=jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "mesh"), donate_argnames=("s",))
+def _refill(
+    s: RefillState,  # donated
+    prompts: Prefilled,  # every prompt once (num_samples=1), over prompt-bucket slots only
+    src: Array,  # [R] int32, the prompt (row of `prompts`) slot r starts, or -1: slot r keeps going
+    sample: Array,  # [R] int32, the output row slot r writes from now on (where src >= 0)
+    row_ids: Array,  # [R] int32, that sample's global id (its random stream)
+    rng: Array,
+    limits: Limits,
+    *,
+    rule: TokenRule,
+    mesh: Optional[Mesh],
+) -> RefillState:
+  """Start slot r on a new sample where src[r] >= 0: its prompt's prefill cache copied into the
+  slot (the same slots as in the one-batch decoder), the rest of the slot's segments cleared
+  (stale keys there are masked), and token 0 drawn from the prompt's prefill logits as
+  `initial_decode_state` draws it."""
+  TRACE_COUNTS["refill"] += 1
+  take = src >= 0
+  src = jnp.maximum(src, 0)
+  slots = jnp.where(take, jnp.arange(take.shape[0]), take.shape[0])  # out of range: dropped
+  lp, c = prompts.cache.max_len, s.cache
+  copy = lambda stack, new: stack.at[:, slots, :, :lp].set(new[:, src], mode="drop")
+  segments = jnp.pad(prompts.cache.segment_ids[src], ((0, 0), (0, c.max_len - lp)))
+  cache = KVCache(keys=copy(c.keys, prompts.cache.keys), values=copy(c.values, prompts.cache.values),
+                  segment_ids=c.segment_ids.at[slots].set(segments, mode="drop"), index=jnp.where(take, lp, c.index))
+  s = s.replace(
+      step=jnp.where(take, 0, s.step), positions=jnp.where(take, prompts.positions[src], s.positions),
+      row_ids=jnp.where(take, row_ids, s.row_ids), sample=jnp.where(take, sample, s.sample), done=s.done & ~take,
+      cache=_constrain_slots(cache, mesh))
+  first = _draw(row_keys(rng, s.row_ids), 0, sharding.constrain(prompts.logits[src], mesh), rule, mesh)
+  return _record_slots(s, first, take, limits, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rule", "mesh"), donate_argnames=("s",))
+def _decode_until_free(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    s: RefillState,  # donated: the loop updates the cache and outputs in place
+    rng: Array,
+    limits: Limits,
+    free_rows: Array,  # [] int32: stop once this many slots are free (> R: once all are)
+    *,
+    rule: TokenRule,
+    mesh: Optional[Mesh],
+) -> RefillState:
+  """`decode_step` per slot, each at its own token index, until `free_rows` slots are free."""
+  TRACE_COUNTS["decode_until_free"] += 1
+  keys = row_keys(rng, s.row_ids)
+
+  def step(s: RefillState) -> RefillState:
+    logits, cache = _next_logits(graphdef, state, s.last_token, s.positions + s.step - 1, s.cache, mesh)
+    s = s.replace(cache=cache, decode_calls=s.decode_calls + 1)
+    return _record_slots(s, _draw(keys, s.step, logits, rule, mesh), ~s.done, limits, mesh)
+
+  busy = lambda s: ~jnp.all(s.done) & (jnp.sum(s.done) < free_rows)
+  return jax.lax.while_loop(busy, step, s)
+
+
+# ----------------------------------------------------------------------------------------------
 # Host side.
 
 
@@ -516,7 +687,10 @@ class SampleResult:
   prompt_lengths: np.ndarray  # [B] int32
   prompt_truncated: np.ndarray  # [B] int32, tokens dropped from the left of each prompt
   num_samples: int
-  decode_steps: int  # tokens generated by the longest row (the loop exits when all rows end)
+  decode_steps: int  # tokens generated by the longest row (the one-batch loop exits when all rows end)
+  # Rows x decode-loop iterations of this process (model calls over one row each; token 0 of a
+  # row comes from the prefill): the decode's cost, which `decode_rows` lowers when lengths vary.
+  decode_slot_steps: int
   texts: Optional[tuple[str, ...]] = None  # [R] decoded responses (stop string cut), with decode_fn
 
   @property
@@ -711,7 +885,8 @@ def sample(
     already be placed with `sharding.shard_params`.
   rng: a jax PRNG key; the same key gives the same result.
   mesh: rows go over data x fsdp; the number of prompts must be divisible by that shard count
-    so each prompt's G rows live on one shard (and repeating the cache rows is shard-local).
+    so each prompt's G rows live on one shard (and repeating the cache rows is shard-local);
+    so must `SamplingParams.decode_rows` (refill is refused on a mesh that spans processes).
     A mesh may span processes: then every process calls `sample` with its own prompts (the
     same number on each), the prefill and decode run as one SPMD program over the whole mesh
     from the params where they live (e.g. the training layout; see `reshard_for_sampling`),
@@ -731,6 +906,8 @@ def sample(
     raise ValueError("sample: SamplingParams.stop_strings needs decode_fn (token ids -> text)")
   graphdef, state, config = _split_model(model)
   _check_local(mesh, state)
+  if params.decode_rows is not None:
+    _check_refill(params.decode_rows, mesh)
   for name, ids in (("stop_token_ids", params.stop_token_ids), ("pad_id", (params.pad_id,))):
     if any(t >= config.vocab_size for t in ids):
       raise ValueError(f"SamplingParams.{name}={ids} outside the vocabulary of {config.vocab_size}")
@@ -744,21 +921,72 @@ def sample(
   if mesh is not None:
     _check_mesh(mesh, tokens.shape[0] * (jax.process_count() if spans_processes(mesh) else 1), state)
   gen_len = _bucket(params.max_new_tokens, params.generation_buckets)
+  ids = np.arange(len(prompts)) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
+  if params.decode_rows is not None and params.decode_rows < len(prompts) * num_samples:
+    out, slot_steps = _sample_with_refill(
+        graphdef, state, config, tokens, lengths, ids, num_samples=num_samples, rng=rng, params=params,
+        generation_len=gen_len, mesh=mesh)
+    return _finish(out, slot_steps, params, num_samples, tokens, lengths, truncated, decode_fn)
 
   prefilled = _prefill(
       graphdef, state, _to_device(tokens, mesh), _to_device(lengths, mesh),
       num_samples=num_samples, generation_len=gen_len, mesh=mesh)
-  ids = np.arange(len(prompts)) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
   row_ids = (ids[:, None] * num_samples + np.arange(num_samples)[None, :]).reshape(-1).astype(np.int32)
   decoded, _ = _decode(
       graphdef, state, prefilled.cache, prefilled.logits, prefilled.positions, _replicate(rng, mesh),
       _to_device(row_ids, mesh), _replicate(limits(params), mesh), rule=params.token_rule(), generation_len=gen_len,
       mesh=mesh)
   out = _local_rows(decoded, mesh)
-  return _finish(out, params, num_samples, tokens, lengths, truncated, decode_fn)
+  return _finish(out, out.tokens.shape[0] * (int(out.steps) - 1), params, num_samples, tokens, lengths, truncated,
+                 decode_fn)
 
 
-def _finish(out: Decoded, params: SamplingParams, num_samples: int, prompt_tokens: np.ndarray,
+def _check_refill(decode_rows: int, mesh: Optional[Mesh]) -> None:
+  if spans_processes(mesh):
+    # The host schedules slots from every slot's `done`; across processes that needs a global
+    # view each chunk, which is not built.
+    raise ValueError(
+        "SamplingParams.decode_rows (continuous refill) is not supported on a mesh that spans processes; "
+        "leave it None there")
+  if mesh is not None:
+    sharding.check_batch_divisible(decode_rows, mesh, "SamplingParams.decode_rows")
+
+
+def _sample_with_refill(graphdef: nnx.GraphDef, state: nnx.State, config: ModelConfig, tokens: np.ndarray,
+                        lengths: np.ndarray, ids: np.ndarray, *, num_samples: int, rng: Array,
+                        params: SamplingParams, generation_len: int, mesh: Optional[Mesh]) -> tuple[Decoded, int]:
+  """The B*G samples through `decode_rows` slots (module docstring) -> (outputs, decode slot-steps).
+
+  Samples start in order (prompt-major), each in the first free slot; the host sees which slots
+  are free after each `_decode_until_free` and refills them.
+  """
+  rows, g = params.decode_rows, num_samples
+  prompts = _prefill(graphdef, state, _to_device(tokens, mesh), _to_device(lengths, mesh), num_samples=1,
+                     generation_len=0, mesh=mesh)
+  total = tokens.shape[0] * g
+  lim, rule = limits(params), params.token_rule()
+  s = _refill_start(lim.pad_id, config=config, rows=rows, prompt_len=tokens.shape[1], num_outputs=total,
+                    generation_len=generation_len, mesh=mesh)
+  started, free = 0, np.ones(rows, bool)
+  while True:
+    if started < total:
+      slots = np.flatnonzero(free)[:total - started]
+      new = started + np.arange(len(slots))
+      started += len(slots)
+      src, sample, row_ids = np.full(rows, -1, np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+      src[slots], sample[slots], row_ids[slots] = new // g, new, ids[new // g] * g + new % g
+      s = _refill(s, prompts, *(_to_device(x, mesh) for x in (src, sample, row_ids)), rng, lim, rule=rule, mesh=mesh)
+    # Once every sample has started, run until all end.
+    threshold = params.refill_threshold if started < total else rows + 1
+    s = _decode_until_free(graphdef, state, s, rng, lim, np.int32(threshold), rule=rule, mesh=mesh)
+    free = np.asarray(s.done)
+    if started == total and free.all():
+      break
+  out = jax.device_get(s.out)
+  return out.replace(steps=out.lengths.max()), int(s.decode_calls) * rows
+
+
+def _finish(out: Decoded, slot_steps: int, params: SamplingParams, num_samples: int, prompt_tokens: np.ndarray,
             prompt_lengths: np.ndarray, truncated: np.ndarray,
             decode_fn: Optional[Callable[[list[int]], str]]) -> SampleResult:
   n = params.max_new_tokens
@@ -785,5 +1013,5 @@ def _finish(out: Decoded, params: SamplingParams, num_samples: int, prompt_token
       lengths=lengths, response_mask=np.arange(n)[None, :] < lengths[:, None],
       finish_reasons=tuple(reasons), group_index=np.arange(rows, dtype=np.int32) // num_samples,
       prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths, prompt_truncated=truncated,
-      num_samples=num_samples, decode_steps=int(out.steps),
+      num_samples=num_samples, decode_steps=int(out.steps), decode_slot_steps=slot_steps,
       texts=None if texts is None else tuple(texts))

@@ -2,8 +2,9 @@
 
 One rule table (`DEFAULT_RULES`, after MaxText's `logical_axis_rules`) maps every logical axis
 name to a mesh axis (or None = replicated): the parameters' names, annotated in the model
-(`layers`, `embed`, `vocab`, `mlp`, `q_heads`, `kv_heads`, `norm`), and the activations' and
-caches' (`activation_batch`, `activation_length`, `activation_heads`, `activation_head_dim`).
+(`layers`, `embed`, `vocab`, `mlp`, `q_heads`, `kv_heads`, `fused`, `head_dim`, `norm`), and the
+activations' and caches' (`activation_batch`, `activation_length`, `activation_heads`,
+`activation_head_dim`).
 Batches shard their rows over `data` x `fsdp`, so each prompt's G rollouts, which are
 consecutive rows, stay on one shard as long as the per-shard row count is a multiple of G
 (checked by the callers that build batches).
@@ -32,6 +33,10 @@ DEFAULT_RULES: tuple[tuple[str, Optional[str]], ...] = (
     ("mlp", "tensor"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
+    # Fused projections (ModelConfig.fused_projections) stack a kv head's queries, key and value,
+    # or an mlp unit's gate and up, on this axis: never split, so each device holds whole groups.
+    ("fused", None),
+    ("head_dim", None),  # a head's features, whole on every device (RoPE mixes its two halves)
     ("norm", None),
     # The stacked layers' leading axis: each device holds its shard of every layer (a scan
     # slices one layer per iteration, so this axis is never split across devices).

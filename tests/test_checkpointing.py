@@ -282,16 +282,16 @@ def test_trainer_resumes_from_the_previous_step_when_the_latest_has_flipped_byte
 
 def test_checkpoint_of_another_model_is_refused_naming_the_first_mismatch(run_dir):
   like = _raw_arrays(run_dir, 2)
-  kernel = like["state"]["params"]["layers"]["mlp"]["up_proj"]["kernel"]["value"]
-  like["state"]["params"]["layers"]["mlp"]["up_proj"]["kernel"]["value"] = jnp.zeros(
-      (kernel.shape[0], 32, 96), kernel.dtype)
+  kernel = like["state"]["params"]["layers"]["mlp"]["gate_up_proj"]["kernel"]["value"]
+  like["state"]["params"]["layers"]["mlp"]["gate_up_proj"]["kernel"]["value"] = jnp.zeros(
+      (kernel.shape[0], 32, 2, 96), kernel.dtype)
   ckpt = checkpointing.RunCheckpointer(run_dir, async_save=False)
   with pytest.raises(checkpointing.CheckpointMismatchError) as e:
     ckpt.restore(like, warn=lambda m: pytest.fail(f"a mismatch is not corruption: {m}"))
   message = str(e.value)
   assert len(message) < 1000, message
-  assert (f"state.params.layers.mlp.up_proj.kernel.value: checkpoint {tuple(kernel.shape)} vs model "
-          f"({kernel.shape[0]}, 32, 96)") in message
+  assert (f"state.params.layers.mlp.gate_up_proj.kernel.value: checkpoint {tuple(kernel.shape)} vs model "
+          f"({kernel.shape[0]}, 32, 2, 96)") in message
   assert ckpt.all_steps() == [1, 2]  # nothing set aside: the checkpoint is fine, the model differs
 
 
@@ -303,8 +303,18 @@ def test_trainer_refuses_a_checkpoint_of_another_model_in_one_line(run_dir, tmp_
     trainer.setup(c)
   message = str(e.value)
   assert len(message) < 1000, message
-  assert "checkpoint (2, 64, 128) vs model (2, 64, 96)" in message or "checkpoint (2, 128, 64) vs model (2, 96, 64)" in message
+  assert "checkpoint (2, 64, 2, 128) vs model (2, 64, 2, 96)" in message or "checkpoint (2, 128, 64) vs model (2, 96, 64)" in message
   assert "state." in message and "layers.mlp" in message
+
+
+def test_a_checkpoint_of_the_other_projection_layout_is_refused_naming_a_tensor(run_dir, tmp_path, monkeypatch):
+  """Saved with fused projections (the default), resumed without: the parameters have other names."""
+  with pytest.raises(checkpointing.CheckpointMismatchError) as e:
+    trainer.setup(_tiny_config(run_dir, tmp_path / "log", **{"model.fused_projections": False}))
+  message = str(e.value)
+  assert len(message) < 1000, message
+  assert re.search(r"holds another model: state\.[\w.]+\.(gate|up|q|k|v)_proj\.kernel\.value: model \(2, \d+, \d+\), "
+                   r"not in the checkpoint \(and \d+ more mismatching tensors\)", message), message
 
 
 def test_a_checkpoint_with_another_optimizer_state_says_so(run_dir):

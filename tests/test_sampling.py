@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxpr_tools import all_equations
 from mopd_jax import sampling, sharding
-from mopd_jax.models import init_model, positions_from_segments, tiny_config
+from mopd_jax.models import KVCache, init_model, positions_from_segments, tiny_config
 from mopd_jax.sampling import FinishReason, SamplingParams, TokenRule
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
@@ -132,8 +132,9 @@ def test_logprobs_equal_teacher_forced_forward():
   assert any(res.response(r) != res.response(r + 1) for r in range(0, res.num_rows, g))
 
 
-def _dot_shapes(jaxpr) -> list[tuple[int, ...]]:
-  return [tuple(e.invars[0].aval.shape) for e in all_equations(jaxpr) if e.primitive.name == "dot_general"]
+def _dot_operand_shapes(jaxpr) -> list[tuple[tuple[int, ...], ...]]:
+  """Both operands' shapes of every matmul (einsum may put the kernel first)."""
+  return [tuple(tuple(v.aval.shape) for v in e.invars) for e in all_equations(jaxpr) if e.primitive.name == "dot_general"]
 
 
 def test_prefill_runs_once_per_prompt_and_groups_start_from_identical_caches():
@@ -143,10 +144,11 @@ def test_prefill_runs_once_per_prompt_and_groups_start_from_identical_caches():
   tokens[0, -5:], tokens[1, -9:] = np.arange(1, 6), np.arange(10, 19)
   lengths = np.array([5, 9], np.int32)
   prefill = functools.partial(sampling._prefill, num_samples=g, generation_len=8, mesh=None)
-  dots = _dot_shapes(jax.make_jaxpr(prefill, static_argnums=0)(graphdef, state, tokens, lengths).jaxpr)
+  dots = _dot_operand_shapes(jax.make_jaxpr(prefill, static_argnums=0)(graphdef, state, tokens, lengths).jaxpr)
   # Every projection runs on the B x Lp prompt tokens; nothing on B*G rows.
-  assert dots and all(s[0] == b for s in dots), dots
-  assert (b, lp, 64) in dots
+  assert dots and all(any(s[0] == b for s in operands) for operands in dots), dots
+  assert not any(s[0] == b * g for operands in dots for s in operands), dots
+  assert any((b, lp, 64) in operands for operands in dots)
   out = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths))
   single = sampling._prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths),
                              num_samples=1, generation_len=8, mesh=None)
@@ -359,6 +361,105 @@ def test_early_exit_when_all_rows_stop():
 
 
 # ---------------------------------------------------------------------------------------------
+# Continuous refill (SamplingParams.decode_rows).
+
+# 12 prompts of 2..30 tokens; 8 of the 128 ids stop a row, so at temperature 1 rows end
+# after ~16 tokens on average, many far earlier, some at max_new_tokens.
+REFILL_PROMPTS = [list(np.random.RandomState(i).randint(1, 128, size=n)) for i, n in
+                  enumerate([3, 17, 11, 30, 2, 25, 8, 14, 5, 21, 9, 28])]
+REFILL_PARAMS = SamplingParams(temperature=1.0, max_new_tokens=24, stop_token_ids=(3, 17, 29, 55, 70, 88, 101, 120),
+                               **SMALL)
+
+
+def _assert_same_rollouts(got: sampling.SampleResult, want: sampling.SampleResult, atol: float = 1e-6):
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.lengths, want.lengths)
+  np.testing.assert_array_equal(got.response_mask, want.response_mask)
+  assert got.finish_reasons == want.finish_reasons and got.decode_steps == want.decode_steps
+  # Bit-identical where the decode batches pick the same matmul kernels; XLA:CPU picks by row
+  # count, which moves a log-prob by an ulp or two (the one-batch sampler does the same with
+  # fewer prompts).
+  for name in ("logprobs", "scaled_logprobs", "model_logprobs"):
+    np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=0, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("family, rule, rows, free_rows", [
+    ("llama", TokenRule(1.0, 1.0, 0), 5, 1), ("qwen3", TokenRule(0.8, 0.9, 20), 8, 3),
+    ("qwen2", TokenRule(1.0, 1.0, 0), 16, None)], ids=["llama-5rows", "qwen3-topk-topp-8rows", "qwen2-16rows"])
+def test_refill_gives_the_one_batch_rollouts_in_fewer_slot_steps(family, rule, rows, free_rows):
+  """Same rng, prompts and samples with and without refill: the same rollouts, whatever slot
+  decodes each sample and whenever it starts (more samples than slots, rows not a multiple of
+  G, ends spread by stop tokens); the decode costs fewer slot-steps."""
+  params = REFILL_PARAMS.replace(temperature=rule.temperature, top_p=rule.top_p, top_k=rule.top_k)
+  refill = params.replace(decode_rows=rows, refill_free_rows=free_rows)
+  call = lambda p, **kw: sampling.sample(_model(family), REFILL_PROMPTS, num_samples=2, rng=jax.random.key(4),
+                                         sampling_params=p, **kw)
+  want, got = call(params), call(refill)
+  _assert_same_rollouts(got, want)
+  assert len(set(want.lengths.tolist())) > 5 and (want.lengths < 8).sum() >= 4, want.lengths
+  # Fewer model calls over rows than the one batch of 24 rows (which fails if refill is skipped);
+  # every call decodes `rows` rows.
+  assert got.decode_slot_steps < want.decode_slot_steps and got.decode_slot_steps % rows == 0
+  assert want.decode_slot_steps == 24 * (want.decode_steps - 1)
+  # Another rng, prompt ids and max_new_tokens reuse the compiled programs.
+  traces = dict(sampling.TRACE_COUNTS)
+  other = call(refill.replace(max_new_tokens=20), prompt_ids=range(100, 112))
+  assert dict(sampling.TRACE_COUNTS) == traces
+  _assert_same_rollouts(other, call(params.replace(max_new_tokens=20), prompt_ids=range(100, 112)))
+
+
+def test_refill_programs_update_the_cache_in_place():
+  graphdef, state = _model("llama")
+  config = tiny_config("llama")
+  rows, lp, n = 4, 16, 8
+  tokens = np.zeros((3, lp), np.int32)
+  tokens[:, -4:] = np.arange(1, 13).reshape(3, 4)
+  prompts = sampling._prefill(graphdef, state, jnp.asarray(tokens), jnp.full((3,), 4, np.int32), num_samples=1,
+                              generation_len=0, mesh=None)
+  s = sampling._refill_start(np.int32(0), config=config, rows=rows, prompt_len=lp, num_outputs=6,
+                             generation_len=n, mesh=None)
+  limits, rule = sampling.limits(SamplingParams(max_new_tokens=n)), TokenRule(1.0, 1.0, 0)
+  ids = jnp.zeros(rows, jnp.int32)
+  for program in (
+      sampling._refill.lower(s, prompts, ids, ids, ids, jax.random.key(0), limits, rule=rule, mesh=None),
+      sampling._decode_until_free.lower(graphdef, state, s, jax.random.key(0), limits, np.int32(1), rule=rule,
+                                        mesh=None)):
+    hlo = program.compile().as_text()
+    assert "input_output_alias" in hlo.split("\n", 1)[0]
+    # No copy of the whole [L, R, KVH, S, D] stacked cache (a vmapped per-row write made one in
+    # every layer of every step, as reading a layer before writing it did; LayerCache).
+    cache_shape = "f32[{},{},{},{},{}]".format(*s.cache.keys.shape)
+    assert not [line for line in hlo.splitlines() if " copy(" in line and cache_shape in line]
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_a_per_row_cache_index_equal_in_every_row_is_the_scalar_index(t):
+  """KVCache.index [B] (continuous refill) against the scalar index everyone else uses."""
+  graphdef, state = _model("qwen3")
+  model = nnx.merge(graphdef, state)
+  b, lp = 3, 8
+  tokens = np.arange(1, 1 + b * lp).reshape(b, lp) % 100
+  segments = np.ones((b, lp), np.int32)
+  cache = model(jnp.asarray(tokens), positions_from_segments(segments), segments,
+                KVCache.empty(model.config, b, lp + 8), fresh_cache=True).cache
+  step = jnp.asarray(np.arange(50, 50 + b * t).reshape(b, t))
+  positions = jnp.asarray(lp + np.tile(np.arange(t), (b, 1)))
+  ones = jnp.ones((b, t), jnp.int32)
+  scalar = model(step, positions, ones, cache)
+  per_row = model(step, positions, ones, cache.replace(index=jnp.full((b,), cache.index)))
+  np.testing.assert_array_equal(per_row.logits, scalar.logits)
+  assert per_row.cache.index.shape == (b,) and (per_row.cache.index == scalar.cache.index).all()
+  for name in ("keys", "values", "segment_ids"):
+    np.testing.assert_array_equal(getattr(per_row.cache, name), getattr(scalar.cache, name), err_msg=name)
+  # Rows at different slots: row 1 one slot later sees one more (empty) slot, same logits.
+  shifted = cache.replace(index=jnp.array([lp, lp + 1, lp]))
+  moved = model(step, positions, ones, shifted)
+  np.testing.assert_allclose(moved.logits, scalar.logits, rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(moved.cache.segment_ids[1, lp + 1:lp + 1 + t], 1)
+  assert (moved.cache.segment_ids[1, lp] == 0) and list(moved.cache.index) == [lp + t, lp + 1 + t, lp + t]
+
+
+# ---------------------------------------------------------------------------------------------
 # Sharding.
 
 
@@ -383,6 +484,31 @@ def test_sharded_greedy_equals_single_device(mesh_shape):
                     sampling_params=params, mesh=mesh)
 
 
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_sharded_refill_equals_the_one_batch_sampler(mesh_shape):
+  graphdef, state = _model("qwen3")
+  prompts = REFILL_PROMPTS[:8]
+  mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
+  sharded = sharding.shard_params(state, mesh)
+  call = lambda model, p, **kw: sampling.sample(model, prompts, num_samples=3, rng=jax.random.key(2),
+                                                sampling_params=p, **kw)
+  want = call((graphdef, sharded), REFILL_PARAMS, mesh=mesh)
+  got = call((graphdef, sharded), REFILL_PARAMS.replace(decode_rows=8, refill_free_rows=2), mesh=mesh)
+  _assert_same_rollouts(got, want)
+  assert got.decode_slot_steps < want.decode_slot_steps
+  with pytest.raises(ValueError, match="SamplingParams.decode_rows: 6 rows are not divisible by the data x fsdp"):
+    call((graphdef, sharded), REFILL_PARAMS.replace(decode_rows=6), mesh=mesh)
+
+
+def test_refill_is_refused_on_a_mesh_that_spans_processes(monkeypatch):
+  graphdef, state = _model("llama")
+  mesh = sharding.make_mesh(sharding.MeshConfig(8, 1, 1))
+  monkeypatch.setattr(sampling, "spans_processes", lambda mesh: True)
+  with pytest.raises(ValueError, match="SamplingParams.decode_rows .* not supported on a mesh that spans processes"):
+    sampling.sample((graphdef, sharding.shard_params(state, mesh)), REFILL_PROMPTS[:8], num_samples=2,
+                    rng=jax.random.key(0), sampling_params=REFILL_PARAMS.replace(decode_rows=8), mesh=mesh)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors and truncation.
 
@@ -392,7 +518,9 @@ def test_sharded_greedy_equals_single_device(mesh_shape):
     (dict(top_k=-1), "top_k"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=100, generation_buckets=(32, 64)), "max_new_tokens"),
     (dict(prompt_buckets=(64, 32)), "prompt_buckets"), (dict(stop_token_ids=(-1,)), "stop_token_ids"),
-    (dict(stop_strings=("",)), "stop_strings"),
+    (dict(stop_strings=("",)), "stop_strings"), (dict(decode_rows=0), "decode_rows"),
+    (dict(decode_rows=4.0), "decode_rows"), (dict(decode_rows=8, refill_free_rows=0), "refill_free_rows"),
+    (dict(refill_free_rows=2), "refill_free_rows"), (dict(decode_rows=4, refill_free_rows=5), "refill_free_rows"),
 ])
 def test_bad_sampling_params_name_the_field(changes, field):
   with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
@@ -457,9 +585,9 @@ def test_reshard_for_sampling_gathers_fsdp_on_device_and_keeps_tensor_parallelis
   for src, dst in zip(jax.tree.leaves(params), jax.tree.leaves(moved)):
     assert "fsdp" not in str(dst.sharding.spec) and dst.sharding.mesh == mesh
     np.testing.assert_array_equal(np.asarray(dst), np.asarray(src))
-  kernel = moved["layers"]["mlp"]["gate_proj"]["kernel"].value  # [layers, embed, mlp]
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
-  assert kernel.addressable_shards[0].data.shape[2] == kernel.shape[2] // 2
+  kernel = moved["layers"]["mlp"]["gate_up_proj"]["kernel"].value  # [layers, embed, 2, mlp]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "tensor")
+  assert kernel.addressable_shards[0].data.shape[3] == kernel.shape[3] // 2
   # Sampling from either layout gives the same rows.
   prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]]
   params_greedy = SamplingParams(temperature=0.0, max_new_tokens=6, **SMALL)

@@ -11,7 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 from mopd_jax.chat import greedy_generate  # noqa: E402
 from mopd_jax.models import positions_from_segments  # noqa: E402
-from mopd_jax.weights import load_pretrained, smollm2_gguf_path  # noqa: E402
+from mopd_jax.weights import load_pretrained, relayout, smollm2_gguf_path  # noqa: E402
+from mopd_jax.weights import loading as model_loading  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -103,6 +104,21 @@ def test_greedy_continuation_matches_transformers(ours, reference):
   [cached] = greedy_generate(model, [ids], max_new_tokens=NEW_TOKENS, eos_ids=tok.eos_ids, pad_id=tok.pad_id)
   assert cached == expected
   print("reply:", tok.decode(expected))
+
+
+def test_fused_and_separate_projections_give_the_same_greedy_rollouts(ours):
+  model, tok = ours
+  assert model.config.fused_projections
+  unfused = relayout(model, model.config.replace(fused_projections=False))
+  # The run's path: config.model.fused_projections=False reaches the loader as a compute option.
+  loaded, _ = model_loading.load_model_and_tokenizer("smollm2-135m", "smollm2-gguf", "", "float32", "float32", 0,
+                                                     fused_projections=False)
+  assert not loaded.config.fused_projections
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(loaded, nnx.Param), nnx.state(unfused, nnx.Param))
+  prompts = [tok.apply_chat_template(PROMPT),
+             tok.apply_chat_template([{"role": "user", "content": "What is 12 + 34? Answer briefly."}])]
+  options = dict(max_new_tokens=NEW_TOKENS, eos_ids=tok.eos_ids, pad_id=tok.pad_id)
+  assert greedy_generate(model, prompts, **options) == greedy_generate(unfused, prompts, **options)
 
 
 def test_hf_export_of_gguf_model_loads_in_transformers(ours, tmp_path):

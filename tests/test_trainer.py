@@ -217,8 +217,8 @@ def test_resume_onto_a_different_mesh(tmp_path):
                               "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2})
   run = trainer.setup(resumed)
   assert run.position.step == 2
-  kernel = run.state.params["layers"]["mlp"]["gate_proj"]["kernel"].value
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  kernel = run.state.params["layers"]["mlp"]["gate_up_proj"]["kernel"].value
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor")
   while run.position.step < 4:
     trainer.run_one_step(run)
   from mopd_jax import checkpointing

@@ -62,6 +62,14 @@ class ModelConfig:
   # "splash": the Pallas splash attention kernel for the same calls, on TPUs
   # (`mopd_jax.models.splash`; interpreted on CPU, for tests).
   attention_impl: str = "xla"
+  # One matmul for q/k/v and one for gate/up in each layer (decode runs 4 projection GEMMs per
+  # layer instead of 7). It changes the parameters: `self_attn.qkv_proj` [embed, kv_heads,
+  # num_heads / num_kv_heads + 2, head_dim] (per kv head: its query heads, its key, its value)
+  # and `mlp.gate_up_proj` [embed, 2, mlp] replace q/k/v_proj and gate/up_proj, so an orbax
+  # checkpoint of one layout does not restore into the other; HF and GGUF files load into
+  # either, exactly (`mopd_jax.weights`). Fused, tensor parallelism splits whole kv heads: the
+  # tensor axis must divide num_kv_heads (unfused, it need only divide the projection widths).
+  fused_projections: bool = True
 
   def __post_init__(self):
     if self.family not in FAMILIES:

@@ -5,8 +5,16 @@ Qwen2.5 adds biases to q/k/v, Qwen3 RMS-normalises q and k per head, Llama-3.x s
 
 Conventions
 - Kernels are stored [in, out] (the transpose of Hugging Face's `nn.Linear.weight`).
+- Fused projections (`ModelConfig.fused_projections`, the default): one matmul for q/k/v and
+  one for gate/up per layer. `self_attn.qkv_proj.kernel` is [embed, kv_heads, G + 2, head_dim]
+  (G = num_heads / num_kv_heads): per kv head, its G query heads, its key, its value; query
+  head h is kv head h // G's, as in HF; the qkv bias (Qwen2.5) is [kv_heads, G + 2, head_dim].
+  `mlp.gate_up_proj.kernel` is [embed, 2, mlp] (gate, up). Split over the tensor axis by kv
+  heads (resp. mlp units), each device holds whole q/k/v groups (gate/up pairs). Unfused, the
+  Hugging Face modules instead (`q_proj`, `k_proj`, `v_proj`, `gate_proj`, `up_proj`);
+  `mopd_jax.weights` reads and writes either layout from and to HF's separate tensors.
 - Parameters carry logical axis names (`embed`, `vocab`, `mlp`, `q_heads`, `kv_heads`,
-  `norm`); `mopd_jax.sharding` maps them onto mesh axes.
+  `fused`, `head_dim`, `norm`); `mopd_jax.sharding` maps them onto mesh axes.
 - Attention is driven by `positions` (RoPE) and `segment_ids` (0 = padding): a query attends
   to keys of the same non-zero segment at the same or an earlier *slot*. This one rule
   covers left padding, right padding and packed sequences.
@@ -36,8 +44,10 @@ class KVCache:
   Stacked over layers ([L, ...]) like the layer parameters, so the scanned decoder carries
   the whole cache and each layer writes its new tokens in place.
   `segment_ids[b, s] == 0` marks an empty (or padding) slot. `index` is the next slot to
-  write; all rows write the same slot (prompts are left-padded), which keeps updates a
-  single `dynamic_update_slice`.
+  write. A scalar index: all rows write the same slot (prompts are left-padded), which keeps
+  updates a single `dynamic_update_slice`. An index of shape [B]: each row writes its own
+  slot (the sampler's continuous refill, where rows start decoding at different steps), one
+  in-place scatter per layer.
   """
 
   # Heads before slots: attention contracts over D and S with (B, KVH) as batch dims, so
@@ -46,18 +56,19 @@ class KVCache:
   keys: Array  # [L, B, KVH, S, D]
   values: Array  # [L, B, KVH, S, D]
   segment_ids: Array  # [B, S] int32
-  index: Array  # [] int32
+  index: Array  # [] or [B] int32
 
   @property
   def max_len(self) -> int:
     return self.segment_ids.shape[1]
 
   @classmethod
-  def empty(cls, config: ModelConfig, batch: int, max_len: int) -> "KVCache":
+  def empty(cls, config: ModelConfig, batch: int, max_len: int, per_row_index: bool = False) -> "KVCache":
     shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
     return cls(
         keys=jnp.zeros(shape, config.jnp_dtype), values=jnp.zeros(shape, config.jnp_dtype),
-        segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
+        segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+        index=jnp.zeros((batch,) if per_row_index else (), jnp.int32))
 
   def repeat_rows(self, n: int) -> "KVCache":
     """Each row copied n times, consecutively: prompt b -> rows b*n .. b*n+n-1."""
@@ -79,13 +90,19 @@ class LayerCache:
   keys: Array  # [L, B, KVH, S, D]
   values: Array  # [L, B, KVH, S, D]
   layer: Array  # [] int32
-  index: Array  # [] int32, the slot this call's first token is written to
+  index: Array  # [] or [B] int32 (see KVCache.index), the slot this call's first token is written to
 
   def write(self, k: Array, v: Array) -> "LayerCache":
     """Store this call's k/v ([B, KVH, T, D]) at slots index .. index + T - 1 of this layer."""
-    at = (self.layer, 0, 0, self.index, 0)
-    return self.replace(keys=jax.lax.dynamic_update_slice(self.keys, k[None].astype(self.keys.dtype), at),
-                        values=jax.lax.dynamic_update_slice(self.values, v[None].astype(self.values.dtype), at))
+    if self.index.ndim == 0:
+      at = (self.layer, 0, 0, self.index, 0)
+      put = lambda stack, new: jax.lax.dynamic_update_slice(stack, new[None].astype(stack.dtype), at)
+    else:
+      # One scatter of [B, T] (row, slot) pairs, in place on the scan carry. (A vmapped
+      # dynamic_update_slice gave the cache a row-major layout and a copy per layer and step.)
+      rows, slots = jnp.arange(k.shape[0])[:, None], self.index[:, None] + jnp.arange(k.shape[2])
+      put = lambda stack, new: stack.at[self.layer, rows, :, slots].set(new.transpose(0, 2, 1, 3).astype(stack.dtype))
+    return self.replace(keys=put(self.keys, k), values=put(self.values, v))
 
   def layer_kv(self) -> tuple[Array, Array]:
     """This layer's keys and values, each [B, KVH, S, D]."""
@@ -162,11 +179,17 @@ def attention_mask(q_segments: Array, q_slots: Array, k_segments: Array) -> Arra
   return same_segment_mask(q_segments, k_segments) & causal
 
 
-def _linear(config: ModelConfig, din: int, dout: int, names, *, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(
-      din, dout, use_bias=bias, dtype=config.jnp_dtype, param_dtype=config.jnp_param_dtype,
+def _linear(config: ModelConfig, din: int, dout: int | tuple[int, ...], names, *, bias: bool,
+            rngs: nnx.Rngs) -> nnx.Linear | nnx.LinearGeneral:
+  """[..., din] -> [..., dout], or [..., *dout] for a tuple: one matmul with kernel [din, *dout] and
+  bias [*dout] (fused projections). `names`: the kernel's logical axis names."""
+  options = dict(
+      use_bias=bias, dtype=config.jnp_dtype, param_dtype=config.jnp_param_dtype,
       kernel_init=_partitioned(nnx.initializers.normal(0.02), names),
-      bias_init=_partitioned(nnx.initializers.zeros, (names[1],)), rngs=rngs)
+      bias_init=_partitioned(nnx.initializers.zeros, tuple(names[1:])), rngs=rngs)
+  if isinstance(dout, tuple):
+    return nnx.LinearGeneral(din, dout, **options)
+  return nnx.Linear(din, dout, **options)
 
 
 class Attention(nnx.Module):
@@ -175,13 +198,31 @@ class Attention(nnx.Module):
     self.config = config
     h, d = config.hidden_size, config.head_dim
     bias = config.qkv_bias
-    self.q_proj = _linear(config, h, config.num_heads * d, ("embed", "q_heads"), bias=bias, rngs=rngs)
-    self.k_proj = _linear(config, h, config.num_kv_heads * d, ("embed", "kv_heads"), bias=bias, rngs=rngs)
-    self.v_proj = _linear(config, h, config.num_kv_heads * d, ("embed", "kv_heads"), bias=bias, rngs=rngs)
+    if config.fused_projections:
+      # Per kv head: its query heads, its key, its value. Split over `kv_heads`, each device
+      # holds the whole q/k/v of its heads: one matmul, and attention needs nothing from others.
+      qkv = (config.num_kv_heads, config.num_heads // config.num_kv_heads + 2, d)
+      self.qkv_proj = _linear(config, h, qkv, ("embed", "kv_heads", "fused", "head_dim"), bias=bias, rngs=rngs)
+    else:
+      self.q_proj = _linear(config, h, config.num_heads * d, ("embed", "q_heads"), bias=bias, rngs=rngs)
+      self.k_proj = _linear(config, h, config.num_kv_heads * d, ("embed", "kv_heads"), bias=bias, rngs=rngs)
+      self.v_proj = _linear(config, h, config.num_kv_heads * d, ("embed", "kv_heads"), bias=bias, rngs=rngs)
     self.o_proj = _linear(config, config.num_heads * d, h, ("q_heads", "embed"), bias=False, rngs=rngs)
     if config.qk_norm:
       self.q_norm = RMSNorm(d, config.rms_norm_eps, config)
       self.k_norm = RMSNorm(d, config.rms_norm_eps, config)
+
+  def _project(self, x: Array) -> tuple[Array, Array, Array]:
+    """q [B, T, H, D], k and v [B, T, KVH, D]; query head h belongs to kv head h // (H / KVH)."""
+    c = self.config
+    b, t, _ = x.shape
+    if not c.fused_projections:
+      return (self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim),
+              self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim),
+              self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim))
+    qkv = self.qkv_proj(x)  # [B, T, KVH, G + 2, D]
+    g = c.num_heads // c.num_kv_heads
+    return qkv[..., :g, :].reshape(b, t, c.num_heads, c.head_dim), qkv[..., g, :], qkv[..., g + 1, :]
 
   def __call__(self, x, positions, q_segments, q_slots, inv_freq, layer_cache, kv_segments, fresh_cache=False):
     """layer_cache: None (keys are this call's tokens) or this layer's `LayerCache`, returned
@@ -192,9 +233,7 @@ class Attention(nnx.Module):
     """
     c = self.config
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
-    k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
-    v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+    q, k, v = self._project(x)
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -280,12 +319,24 @@ class MLP(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     h, m = config.hidden_size, config.intermediate_size
-    self.gate_proj = _linear(config, h, m, ("embed", "mlp"), bias=False, rngs=rngs)
-    self.up_proj = _linear(config, h, m, ("embed", "mlp"), bias=False, rngs=rngs)
+    self.fused = config.fused_projections
+    if self.fused:  # gate and up of an mlp unit side by side: split over `mlp`, they stay together
+      self.gate_up_proj = _linear(config, h, (2, m), ("embed", "fused", "mlp"), bias=False, rngs=rngs)
+    else:
+      self.gate_proj = _linear(config, h, m, ("embed", "mlp"), bias=False, rngs=rngs)
+      self.up_proj = _linear(config, h, m, ("embed", "mlp"), bias=False, rngs=rngs)
     self.down_proj = _linear(config, m, h, ("mlp", "embed"), bias=False, rngs=rngs)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    if self.fused:
+      # One matmul, the (gate, up) axis leading its output: as LinearGeneral's [..., 2, M] the 2
+      # lands in a TPU tile (padded to 8); the qwen3-8b v5p train step then needed 8.51 GiB per
+      # chip, 7.73 this way (unfused: 9.00; experiments/README.md, "Fused q/k/v and gate/up").
+      kernel = self.gate_up_proj.kernel.value.astype(self.gate_up_proj.dtype)
+      gate, up = jnp.einsum("...e,efm->f...m", x, kernel)
+    else:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -382,8 +433,13 @@ class Transformer(nnx.Module):
       new_cache = None
     else:
       index = cache.index
-      q_slots = jnp.broadcast_to(index + jnp.arange(t), tokens.shape)
-      kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, index))
+      if index.ndim == 0:
+        q_slots = jnp.broadcast_to(index + jnp.arange(t), tokens.shape)
+        kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, index))
+      else:  # each row at its own slot (KVCache.index)
+        q_slots = index[:, None] + jnp.arange(t)
+        kv_segments = cache.segment_ids.at[jnp.arange(tokens.shape[0])[:, None], q_slots].set(
+            segment_ids.astype(jnp.int32))
 
       def layer(carry, params_and_depth):
         x, keys, values = carry

@@ -3,6 +3,11 @@
     model, tokenizer = load_pretrained(smollm2_gguf_path())            # GGUF file
     model, tokenizer = load_pretrained("ckpt_dir", mesh=mesh)            # HF directory
     save_hf_checkpoint(model, "out_dir", tokenizer=tokenizer)            # for transformers
+    unfused = relayout(model, model.config.replace(fused_projections=False))  # same weights
+
+Files hold Hugging Face's separate q/k/v and gate/up projections; the model holds them fused
+by default (`ModelConfig.fused_projections`). Import fuses, export splits, both exactly
+(`mopd_jax.weights.common`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import jax
 
 from mopd_jax.models.transformer import Transformer
 from mopd_jax.tokenizer import Tokenizer, load_gguf_tokenizer, load_tokenizer
+from mopd_jax.weights.common import relayout
 from mopd_jax.weights.gguf import config_from_gguf, load_gguf
 from mopd_jax.weights.hf import (
     CheckpointError, config_from_hf, config_to_hf, hf_tensor_name, load_hf_checkpoint, save_hf_checkpoint)
@@ -62,5 +68,6 @@ def load_pretrained(
 
 __all__ = [
     "CheckpointError", "config_from_gguf", "config_from_hf", "config_to_hf", "hf_tensor_name", "load_gguf",
-    "load_gguf_tokenizer", "load_hf_checkpoint", "load_pretrained", "save_hf_checkpoint", "smollm2_gguf_path",
+    "load_gguf_tokenizer", "load_hf_checkpoint", "load_pretrained", "relayout", "save_hf_checkpoint",
+    "smollm2_gguf_path",
 ]

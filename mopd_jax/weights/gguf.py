@@ -4,7 +4,9 @@ Weights are dequantised tensor by tensor with `gguf.quants.dequantize` (float32 
 placed straight into their target sharding. llama.cpp's converter permutes the rows of the
 q and k projections of llama-architecture models (its RoPE pairs adjacent elements, HF's
 pairs the two halves of a head); we undo that permutation so the weights fit the HF layout
-our model uses. Qwen2/Qwen3 files are not permuted by the converter.
+our model uses. Qwen2/Qwen3 files are not permuted by the converter. The file's separate
+attn_q/attn_k/attn_v and ffn_gate/ffn_up tensors fill our fused `qkv_proj` and `gate_up_proj`
+(`mopd_jax.weights.common`); `save_hf_checkpoint` writes them out separately again, exactly.
 
 The file's tokenizer is the tokenizer module's (`mopd_jax.tokenizer.load_gguf_tokenizer`); the
 reader both use is `mopd_jax.gguf_reader`.
@@ -165,8 +167,8 @@ def load_gguf(
 
   abstract = abstract_model(config)
   file_params = common.file_params(abstract)
-  names = {file_path: gguf_tensor_name(file_path) for file_path, _, _, _ in file_params}
-  shapes = {file_path: shape for file_path, _, _, shape in file_params}
+  names = {t.file_path: gguf_tensor_name(t.file_path) for t in file_params}
+  shapes = {t.file_path: t.shape for t in file_params}
   missing = sorted(name for name, _ in names.values() if name not in tensors)
   if missing:
     raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing: {', '.join(missing[:10])}")

@@ -11,9 +11,11 @@ and, when known, `generation_config.json` and the tokenizer files, loadable by
 `transformers.AutoModelForCausalLM.from_pretrained`. Export then import is bit-exact.
 
 Layout: our kernels are [in, out], HF `nn.Linear.weight` is [out, in]; names otherwise
-mirror HF (`model.layers.{i}.self_attn.q_proj.weight` <-> layer i of our stacked
-`layers.self_attn.q_proj.kernel`, RMSNorm `weight` <-> `scale`, `model.embed_tokens.weight` <->
-`embed_tokens.embedding`).
+mirror HF (`model.layers.{i}.mlp.down_proj.weight` <-> layer i of our stacked
+`layers.mlp.down_proj.kernel`, RMSNorm `weight` <-> `scale`, `model.embed_tokens.weight` <->
+`embed_tokens.embedding`). With fused projections (the default), HF's q/k/v_proj and
+gate/up_proj tensors of layer i are parts of layer i of our `self_attn.qkv_proj` and
+`mlp.gate_up_proj` (`mopd_jax.weights.common`): import assembles them, export cuts them out.
 """
 
 from __future__ import annotations
@@ -285,7 +287,7 @@ def load_hf_checkpoint(
   elif param_dtype or dtype:
     config = config.replace(param_dtype=param_dtype or config.param_dtype, dtype=dtype or config.dtype)
   abstract = abstract_model(config)
-  names = {file_path: hf_tensor_name(file_path) + (shape,) for file_path, _, _, shape in common.file_params(abstract)}
+  names = {t.file_path: hf_tensor_name(t.file_path) + (t.shape,) for t in common.file_params(abstract)}
   expected = {name: _hf_shape(shape, t) for name, t, shape in names.values()}
   with contextlib.ExitStack() as stack:
     files = _SafetensorsFiles(directory, stack)
@@ -367,9 +369,9 @@ def save_hf_checkpoint(
   config: ModelConfig = model.config
   vars_by_path = dict(common.flat_params(model))
   entries = []
-  for file_path, path, layer, shape in common.file_params(model):
-    name, transpose = hf_tensor_name(file_path)
-    entries.append((name, (path, layer), transpose, shape, vars_by_path[path].get_value().dtype))
+  for t in common.file_params(model):
+    name, transpose = hf_tensor_name(t.file_path)
+    entries.append((name, t, transpose, t.shape, vars_by_path[t.param_path].get_value().dtype))
   plan = _shard_plan(entries, max_shard_size)
   writer = jax.process_index() == 0
   if writer:
@@ -380,9 +382,9 @@ def save_hf_checkpoint(
     file = SINGLE_FILE if len(plan) == 1 else f"model-{s + 1:05d}-of-{len(plan):05d}.safetensors"
     tensors = {}
     for k in members:
-      name, (path, layer), transpose, _, _ = entries[k]
-      array = host.get(path)
-      array = array if layer is None else array[layer]
+      name, t, transpose, _, _ = entries[k]
+      array = host.get(t.param_path)
+      array = common.file_tensor(array if t.layer is None else array[t.layer], t)
       tensors[name] = np.ascontiguousarray(array.T if transpose else array)
       weight_map[name] = file
       total += tensors[name].nbytes

@@ -17,7 +17,7 @@ from flax import nnx
 from mopd_jax.fields import ConfigError
 from mopd_jax.models import ModelConfig, get_preset, init_model
 from mopd_jax.tokenizer import Tokenizer, load_gguf_tokenizer, load_tokenizer
-from mopd_jax.weights import load_pretrained, smollm2_gguf_path
+from mopd_jax.weights import load_pretrained, relayout, smollm2_gguf_path
 
 
 def compute_options(model_config, *, backward: bool = True) -> dict[str, Any]:
@@ -50,10 +50,14 @@ def load_model_and_tokenizer(preset: str, checkpoint: str, tokenizer_path: str, 
   if checkpoint:
     path = smollm2_gguf_path() if checkpoint == "smollm2-gguf" else checkpoint
     model, tokenizer = load_pretrained(path, mesh=mesh, param_dtype=param_dtype)
-    if any(getattr(model.config, k) != v for k, v in compute.items()):
+    wanted = model.config.replace(**compute)
+    if wanted.fused_projections != model.config.fused_projections:
+      # Another parameter layout (names and shapes): moved tensor by tensor, values exact.
+      model = relayout(model, wanted, mesh=mesh)
+    elif wanted != model.config:
       # How the model computes is a config switch; rebuild the graph with it, keep the params.
       graphdef, state = nnx.split(model)
-      fresh = nnx.eval_shape(lambda: init_model(model.config.replace(**compute)))
+      fresh = nnx.eval_shape(lambda: init_model(wanted))
       nnx.update(fresh, state)
       model = fresh
   else:
