@@ -46,8 +46,11 @@ def _same_params(one, two) -> None:
   assert len(a.files) == len(b.files) > 0
   moved = max(float(np.max(np.abs(a[k] - initial[k]))) for k in a.files)
   assert moved > 1e-3, f"training barely moved the params ({moved}); the comparison would be vacuous"
+  # 1e-4: Adam's early steps (~ lr * sign(g)) turn float reassociation between the meshes into
+  # differences of up to ~8e-5 on a few of ~3M elements (fused projections changed the order
+  # of the projection sums); a wrongly split or dropped batch moves params by ~1e-3.
   for key in a.files:
-    np.testing.assert_allclose(a[key], b[key], atol=1e-5)
+    np.testing.assert_allclose(a[key], b[key], atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -218,8 +218,10 @@ def test_micro_batches_give_the_whole_batch_update(name):
   # gradients (Adam's first step ~ lr * sign(g) would hide a wrongly scaled gradient).
   opt = linear_optimizer()
   state = init_train_state(state.params, opt)
-  # A teacher / reference unlike the student: the losses and the EMA update are not trivial.
-  teacher = TeacherState(params=jax.tree.map(lambda x: x + 0.01, teacher.params))
+  # A teacher / reference unlike the student, randomly (so per-token losses vary between micro-batches
+  # and per-micro-batch normalisation would be visibly wrong): the losses and the EMA update are not trivial.
+  teacher = TeacherState(params=jax.tree.map(
+      lambda x: x + 0.01 + 0.02 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), teacher.params))
   batch = _uneven_batch(cfg)
   rows = batch.rewards.shape[0]
   assert num_micro_batches(micro_cfg, rows) == 4
